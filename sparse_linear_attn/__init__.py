@@ -1,0 +1,30 @@
+"""sparse_linear_attn — efficient long-sequence attention behind one API.
+
+    import sparse_linear_attn as sla
+    out = sla.attention(q, k, v, "sliding_window", window=256, causal=True)
+    layer = sla.build({"variant": "performer", "num_features": 256})
+
+Shapes follow ``torch.nn.functional.scaled_dot_product_attention``: q ``(B, H, Nq, D)``,
+k ``(B, Hkv, Nk, D)``, v ``(B, Hkv, Nk, Dv)``.
+"""
+
+from . import variants as _variants  # noqa: F401  (registers the built-in variants)
+from .api import AttentionModule, attention, build, dense_mask
+from .config import AttentionConfig
+from .metrics import relative_error
+from .registry import available_variants, describe, register_variant, unregister_variant
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionConfig",
+    "AttentionModule",
+    "attention",
+    "available_variants",
+    "build",
+    "dense_mask",
+    "describe",
+    "register_variant",
+    "relative_error",
+    "unregister_variant",
+]
