@@ -94,7 +94,8 @@ class AdditiveAttention(nn.Module):
             mask = torch.arange(nk, device=pq.device)[None, :] <= i + causal_offset(nq, nk)
         if pad is not None:
             mask = pad if mask is None else mask & pad
-        p = masked_softmax(scores.float(), mask).to(vg.dtype)
+        # Softmax in float32 at least (bf16 scores lose too much), float64 stays float64.
+        p = masked_softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), mask).to(vg.dtype)
         return p @ vg, p
 
 

@@ -1,0 +1,42 @@
+"""Independent references for tests: written from the definitions, not from the library."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def visible(nq: int, nk: int, *, causal: bool, key_padding_mask=None, batch: int = 1) -> torch.Tensor:
+    """Bool (B, 1, nq, nk): query i sees key j iff (not causal or j <= i + nk - nq) and j not padded."""
+    m = torch.ones(batch, 1, nq, nk, dtype=torch.bool)
+    for i in range(nq):
+        for j in range(nk):
+            if causal and j > i + nk - nq:
+                m[:, :, i, j] = False
+    if key_padding_mask is not None:
+        m &= ~key_padding_mask.cpu()[:, None, None, :]
+    return m
+
+
+def softmax_attention(q, k, v, mask=None, scale=None):
+    """Plain float64 masked softmax attention; rows with no visible key give zeros.
+
+    q (B,H,Nq,D), k/v (B,Hkv,Nk,·) with H % Hkv == 0; mask bool broadcastable to (B,H,Nq,Nk).
+    Returns (out, weights) in float64.
+    """
+    q, k, v = (t.detach().cpu().double() for t in (q, k, v))
+    H, Hkv = q.shape[1], k.shape[1]
+    k = k.repeat_interleave(H // Hkv, dim=1)
+    v = v.repeat_interleave(H // Hkv, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = q @ k.transpose(-1, -2) * scale
+    if mask is not None:
+        mask = mask.cpu().expand_as(s)
+        s = s.masked_fill(~mask, -math.inf)
+        row = mask.any(-1, keepdim=True)
+        s = torch.where(row, s, torch.zeros_like(s))
+        p = torch.softmax(s, -1) * row
+    else:
+        p = torch.softmax(s, -1)
+    return p @ v, p

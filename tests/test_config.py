@@ -1,0 +1,106 @@
+"""Configs from mappings, dataclasses and every file format, and their errors."""
+
+import json
+
+import pytest
+import torch
+
+import sparse_linear_attn as sla
+from _reference import softmax_attention, visible
+
+
+def qkv():
+    return torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
+
+
+def check_causal_full(layer):
+    q, k, v = qkv()
+    kpm = torch.zeros(2, 10, dtype=torch.bool)
+    kpm[1, 7:] = True
+    out = layer(q, k, v, key_padding_mask=kpm)
+    ref, _ = softmax_attention(q, k, v, visible(10, 10, causal=True, key_padding_mask=kpm, batch=2), scale=0.5)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    out, w = layer(q, k, v, return_weights=True)
+    assert w.shape == (2, 2, 10, 10)
+
+
+FILES = {
+    "cfg.json": json.dumps({"variant": "full", "causal": True, "scale": 0.5}),
+    "cfg.yaml": "variant: full\ncausal: true\nscale: 0.5\n",
+    "cfg.yml": "variant: full\ncausal: true\nscale: 0.5\n",
+    "cfg.toml": 'variant = "full"\ncausal = true\nscale = 0.5\n',
+}
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_build_from_every_file_format(tmp_path, name):
+    path = tmp_path / name
+    path.write_text(FILES[name])
+    check_causal_full(sla.build(path))
+    check_causal_full(sla.build(str(path)))
+
+
+def test_build_from_mapping_and_dataclass():
+    check_causal_full(sla.build({"variant": "full", "causal": True, "scale": 0.5}))
+    cfg = sla.AttentionConfig(variant="full", causal=True, scale=0.5)
+    check_causal_full(sla.build(cfg))
+    assert sla.AttentionConfig.from_mapping(cfg.to_dict()) == cfg
+    cfg = sla.AttentionConfig.from_mapping({"variant": "additive", "hidden_dim": 16, "head_dim": 8})
+    assert cfg.params == {"hidden_dim": 16, "head_dim": 8}
+    assert cfg.to_dict()["hidden_dim"] == 16
+
+
+def test_build_learned_variant_from_file(tmp_path):
+    path = tmp_path / "add.yaml"
+    path.write_text("variant: additive\nhead_dim: 8\nhidden_dim: 12\ncausal: true\n")
+    layer = sla.build(path)
+    assert layer.impl.w_q.shape == (12, 8)
+    q, k, v = qkv()
+    assert layer(q, k, v).shape == (2, 2, 10, 8)
+
+
+def test_missing_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        sla.build(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "name,text",
+    [("bad.json", "{variant: full"), ("bad.yaml", "variant: [full\n"), ("bad.toml", "variant = \n")],
+)
+def test_unparseable_file_names_it(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=f"could not parse attention config file .*{name}"):
+        sla.build(tmp_path / name)
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("variant: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ValueError, match="could not parse"):
+        sla.build(path)
+
+
+def test_other_file_errors(tmp_path):
+    (tmp_path / "cfg.ini").write_text("variant=full")
+    with pytest.raises(ValueError, match=r"suffix '.ini'; accepted: .json, .yaml, .yml, .toml"):
+        sla.build(tmp_path / "cfg.ini")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        sla.build(tmp_path / "list.json")
+
+
+@pytest.mark.parametrize(
+    "cfg,match",
+    [
+        ({"variant": "full", "causal": "yes"}, "'causal' must be true or false"),
+        ({"variant": "full", "scale": "big"}, "'scale' must be a number"),
+        ({"variant": 3}, "'variant' must be a string"),
+        ({"variant": "full", "window": 4}, "unknown parameter"),
+    ],
+)
+def test_bad_config_values(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        sla.build(cfg)
+    with pytest.raises(TypeError):
+        sla.build(42)

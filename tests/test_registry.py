@@ -1,0 +1,175 @@
+"""Registry, describe, user registration and the errors that name what was wrong."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import sparse_linear_attn as sla
+from _reference import softmax_attention, visible
+
+
+@pytest.fixture
+def clean_registry():
+    before = set(sla.available_variants())
+    yield
+    for name in set(sla.available_variants()) - before:
+        sla.unregister_variant(name)
+
+
+def qkv(B=1, H=2, N=8, D=4):
+    return torch.randn(B, H, N, D), torch.randn(B, H, N, D), torch.randn(B, H, N, D)
+
+
+def test_builtins_listed_sorted_and_described():
+    names = sla.available_variants()
+    assert names == sorted(names)
+    assert {"full", "dot_product", "additive"} <= set(names)
+    info = sla.describe("full")
+    assert info.name == "full" and info.exact is True and "N²" in info.cost
+    assert info.causal and info.cross_attention and info.key_padding and info.weights
+    assert set(info.backends) >= {"torch", "math", "xformers"}
+    add = sla.describe("additive")
+    assert add.build_only and add.params["hidden_dim"][0] == 64 and add.params["head_dim"][1]
+    assert "additive" in str(add)
+
+
+def test_unknown_variant_names_closest():
+    with pytest.raises(ValueError, match=r"unknown variant 'ful'.*'full'"):
+        sla.attention(*qkv(), "ful")
+    with pytest.raises(ValueError, match="dot_product"):
+        sla.describe("dotproduct")
+    with pytest.raises(ValueError, match="Known: additive, .*full"):
+        sla.build({"variant": "zzzzzz"})
+
+
+def test_unknown_parameter_names_it_and_lists_accepted():
+    with pytest.raises(TypeError, match=r"'windw'.*Accepted parameters: none"):
+        sla.attention(*qkv(), "full", windw=3)
+    with pytest.raises(ValueError, match=r"'hiden_dim' \(did you mean 'hidden_dim'\?\).*head_dim, hidden_dim"):
+        sla.build({"variant": "additive", "hiden_dim": 3})
+    with pytest.raises(ValueError, match=r"invalid hidden_dim=0: expected an int >= 1"):
+        sla.build({"variant": "additive", "hidden_dim": 0})
+    with pytest.raises(ValueError, match=r"invalid head_dim='8'"):
+        sla.build({"variant": "additive", "head_dim": "8"})
+
+
+def test_unknown_or_unfit_backend():
+    with pytest.raises(ValueError, match=r"unknown backend 'tourch'.*'torch'"):
+        sla.attention(*qkv(), "full", backend="tourch")
+    with pytest.raises(ValueError, match=r"'xformers'.*cuda only, not cpu"):
+        sla.attention(*qkv(), "full", backend="xformers")
+    with pytest.raises(ValueError, match=r"has no 'flex' backend; it has: torch, xformers, math"):
+        sla.attention(*qkv(), "full", backend="flex")
+    with pytest.raises(ValueError, match="unknown backend"):
+        sla.build({"variant": "full", "backend": "nope"})
+
+
+def test_attention_refuses_learned_variants():
+    with pytest.raises(ValueError, match=r"learned parameters.*sla\.build"):
+        sla.attention(*qkv(), "additive", head_dim=4)
+
+
+def test_register_function_variant(clean_registry):
+    @sla.register_variant("scaled_twice", summary="full attention at twice the scale", exact=True, cost="O(N²·D)")
+    def scaled_twice(q, k, v, *, causal, key_padding_mask, scale, factor: float = 2.0):
+        return sla.attention(q, k, v, "full", causal=causal, key_padding_mask=key_padding_mask, scale=scale * factor)
+
+    assert "scaled_twice" in sla.available_variants()
+    info = sla.describe("scaled_twice")
+    assert info.params["factor"][0] == 2.0 and info.summary.startswith("full attention")
+    q, k, v = qkv(H=4)
+    kv = k[:, :2], v[:, :2]  # grouped-query: the user function receives expanded heads
+    out = sla.build({"variant": "scaled_twice", "causal": True, "factor": 3.0})(q, *kv)
+    ref, _ = softmax_attention(q, *kv, visible(8, 8, causal=True), scale=3.0 / math.sqrt(4))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="already registered"):
+        sla.register_variant("scaled_twice")(scaled_twice)
+    with pytest.raises(TypeError, match="'alpha'"):
+        sla.attention(q, k, v, "scaled_twice", alpha=1)
+    with pytest.raises(ValueError, match="does not support return_weights"):
+        sla.attention(q, k, v, "scaled_twice", return_weights=True)
+
+    @sla.register_variant("scaled_twice", overwrite=True)
+    def replaced(q, k, v, *, causal, key_padding_mask, scale):
+        return torch.zeros_like(q)
+
+    assert torch.count_nonzero(sla.attention(q, k, v, "scaled_twice")) == 0
+
+
+def test_register_module_variant(clean_registry):
+    @sla.register_variant("gated", cost="O(N²·D)")
+    class Gated(nn.Module):
+        """full attention times a learned gate"""
+
+        def __init__(self, init: float = 0.5):
+            super().__init__()
+            self.gate = nn.Parameter(torch.tensor(init))
+
+        def forward(self, q, k, v, *, causal, key_padding_mask, scale):
+            return self.gate * sla.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+
+    info = sla.describe("gated")
+    assert info.build_only and info.params == {"init": (0.5, "user parameter")}
+    layer = sla.build({"variant": "gated", "init": 0.25})
+    assert [n for n, _ in layer.named_parameters()] == ["impl.gate"]
+    q, k, v = qkv()
+    torch.testing.assert_close(layer(q, k, v), 0.25 * sla.attention(q, k, v))
+    with pytest.raises(ValueError, match="sla.build"):
+        sla.attention(q, k, v, "gated")
+
+
+def test_register_rejects_non_callables_and_bad_names():
+    with pytest.raises(TypeError, match="function or an nn.Module subclass"):
+        sla.register_variant("x_not_callable")(42)
+    with pytest.raises(ValueError, match="non-empty name"):
+        sla.register_variant("")
+
+
+@pytest.mark.parametrize(
+    "q,k,v,kpm,match",
+    [
+        ((2, 8, 4), (2, 8, 4), (2, 8, 4), None, r"must have 4 dims .*got shape \(2, 8, 4\)"),
+        ((1, 2, 8, 4), (2, 2, 8, 4), (2, 2, 8, 4), None, "batch sizes differ"),
+        ((1, 3, 8, 4), (1, 2, 8, 4), (1, 2, 8, 4), None, "not a multiple of key/value heads"),
+        ((1, 2, 8, 4), (1, 2, 8, 5), (1, 2, 8, 4), None, "head_dim differ"),
+        ((1, 2, 8, 4), (1, 2, 8, 4), (1, 2, 7, 4), None, "sequence lengths differ"),
+        ((1, 2, 8, 4), (1, 1, 8, 4), (1, 2, 8, 4), None, "k and v head counts differ"),
+        ((1, 2, 8, 4), (1, 2, 8, 4), (1, 2, 8, 4), torch.zeros(1, 8), "dtype torch.bool"),
+        ((1, 2, 8, 4), (1, 2, 8, 4), (1, 2, 8, 4), torch.zeros(1, 7, dtype=torch.bool), r"\(B, Nk\) = \(1, 8\)"),
+    ],
+)
+def test_shape_errors_state_received_and_expected(q, k, v, kpm, match):
+    with pytest.raises(ValueError, match=match):
+        sla.attention(torch.randn(q), torch.randn(k), torch.randn(v), key_padding_mask=kpm)
+
+
+def test_dtype_errors():
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="share one dtype"):
+        sla.attention(q, q.double(), q)
+    with pytest.raises(ValueError, match="floating-point"):
+        sla.attention(q.long(), q.long(), q.long())
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        sla.attention(q, q, q, scale=float("nan"))
+
+
+@pytest.mark.cuda
+def test_device_mismatch_error():
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="one device"):
+        sla.attention(q, q.cuda(), q)
+
+
+def test_importing_and_running_on_cpu_never_imports_xformers():
+    code = (
+        "import sys, torch, warnings; warnings.simplefilter('error');"
+        "import sparse_linear_attn as sla;"
+        "q = torch.randn(1, 2, 8, 4); sla.attention(q, q, q); sla.attention(q, q, q, causal=True);"
+        "print('xformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False" and out.stderr == ""
