@@ -173,3 +173,17 @@ def test_importing_and_running_on_cpu_never_imports_xformers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False" and out.stderr == ""
+
+
+def test_xformers_import_is_quiet_when_installed():
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is None:
+        pytest.skip("xformers is not installed")
+    code = (
+        "import sys, warnings; warnings.simplefilter('error');"
+        "from sparse_linear_attn.backends.xformers_backend import xops; xops();"
+        "print('xformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True" and out.stderr == "", out.stderr
