@@ -138,6 +138,11 @@ class AttentionModule(nn.Module):
         self.spec = registry.get(config.variant)
         self.params = self.spec.resolve_params(config.params)
         self.impl = self.spec.module(**self.params) if self.spec.module is not None else None
+        if self.impl is not None and config.backend not in ("auto", "module"):
+            raise ParameterError(
+                f"variant {self.spec.name!r} is an nn.Module with learned parameters; its only backend "
+                f"is 'module' (or 'auto'), got backend={config.backend!r}"
+            )
         if self.spec.module is None and config.backend != "auto":
             from .backends.dispatch import BACKENDS
             from .errors import BackendUnavailableError, unknown_name_message

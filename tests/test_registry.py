@@ -68,6 +68,11 @@ def test_unknown_or_unfit_backend():
         sla.build({"variant": "full", "backend": "nope"})
 
 
+def test_learned_variants_have_only_the_module_backend():
+    with pytest.raises(ValueError, match="only backend is 'module'"):
+        sla.build({"variant": "additive", "backend": "torch"})
+
+
 def test_attention_refuses_learned_variants():
     with pytest.raises(ValueError, match=r"learned parameters.*sla\.build"):
         sla.attention(*qkv(), "additive", head_dim=4)
