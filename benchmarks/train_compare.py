@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, help="override train.steps")
     ap.add_argument("--seq-len", type=int, help="override task.seq_len")
     ap.add_argument("--device", help="override train.device (cpu, cuda)")
-    ap.add_argument("--out", default="benchmarks/results/train_compare")
+    ap.add_argument("--out", default="results/train_compare")
     ap.add_argument("--no-subprocess", action="store_true", help="run in this process (peak memory then accumulates)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config)

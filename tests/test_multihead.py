@@ -460,3 +460,14 @@ def test_need_weights_refused_by_variants_without_weights():
         assert layer(x, x, x, need_weights=False)[1] is None
     finally:
         sla.unregister_variant("_test_noweights")
+
+
+def test_attention_given_as_config_file_or_config(tmp_path):
+    path = tmp_path / "attn.yaml"
+    path.write_text("variant: dot_product\ncausal: true\n")
+    layer = sla.MultiheadAttention(E, H, attention=str(path))
+    assert layer.attn.config.variant == "dot_product" and layer.attn.config.causal
+    layer = sla.MultiheadAttention(E, H, attention=sla.AttentionConfig("additive", params={"hidden_dim": 4}))
+    assert layer.attn.params == {"head_dim": E // H, "hidden_dim": 4}
+    with pytest.raises(FileNotFoundError):
+        sla.MultiheadAttention(E, H, attention="missing.yaml")
