@@ -185,6 +185,7 @@ def encoder(batch_first=True):
     return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=batch_first)
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 @pytest.mark.parametrize("training", [True, False])
 def test_swap_in_transformer_encoder_equals_original(training):
     orig = encoder()
@@ -229,6 +230,7 @@ def test_swapped_variant_runs_in_eval_and_no_grad():
         registry.unregister_variant("_test_counting")
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 def test_hand_built_encoder_with_nested_tensor_fast_path():
     # Layers swapped by hand keep the encoder's nested-tensor conversion on: the layer pads back.
     orig = encoder().eval()
@@ -387,6 +389,8 @@ def test_exact_sparse_pattern_combines_with_attn_mask():
         out, w = layer(x, x, x, attn_mask=fmask, is_causal=False)
         close(out, reference_layer(layer, x, visible=band(8, 8, causal=False, width=2), bias=fmask))
         assert (w[:, ~band(8, 8, causal=False, width=2)] == 0).all()
+        with pytest.raises(ValueError, match="loses its sparsity"):
+            sla.MultiheadAttention(E, H, attention="_test_band", dropout=0.1)
     finally:
         registry.unregister_variant("_test_band")
 
@@ -400,6 +404,18 @@ def test_dot_product_scale_and_dropout():
     close(layer(x, x, x, attn_mask=user)[0], reference_layer(layer, x, visible=~user, scale=1.0))
     layer.train()
     assert (layer(x, x, x)[0] - layer(x, x, x)[0]).abs().max() > 1e-6  # weights are dropped out
+    # Dropout alone (fused SDPA path): still causal, and p -> 0 gives the exact result.
+    y = x.clone()
+    y[:, 3:] = torch.randn(2, 3, E, dtype=F64)
+    torch.manual_seed(0)
+    a = layer(x, x, x, is_causal=True, need_weights=False)[0]
+    torch.manual_seed(0)
+    b = layer(y, y, y, is_causal=True, need_weights=False)[0]
+    close(a[:, :3], b[:, :3])
+    layer.dropout = 1e-12
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    close(layer(x, x, x, is_causal=True, need_weights=False)[0], reference_layer(layer, x, visible=causal, scale=1.0),
+          tol=1e-8)
 
 
 def test_fully_masked_query_gives_zero_attention_not_nan():

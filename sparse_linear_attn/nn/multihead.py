@@ -166,6 +166,12 @@ class MultiheadAttention(nn.Module):
                     f"matrix to drop. Pass dropout=0.0 (swap_attention(..., dropout=0.0) does it "
                     f"for every layer) and regularise elsewhere."
                 )
+        elif self.dropout > 0.0 and spec.mask_fn is not None:
+            raise ValueError(
+                f"dropout={dropout} drops attention weights, which for variant {spec.name!r} needs the "
+                f"dense O(Nq·Nk) path in every training step and loses its sparsity. Pass dropout=0.0 "
+                f"(swap_attention(..., dropout=0.0) does it for every layer) and regularise elsewhere."
+            )
         if positional == "rope" and self.head_dim % 2:
             raise ValueError(f"positional='rope' needs an even head_dim, got {self.head_dim} "
                              f"(embed_dim={embed_dim}, num_heads={num_heads})")
@@ -423,6 +429,13 @@ class MultiheadAttention(nn.Module):
                     f"It takes is_causal=True (or the causal mask) and key_padding_mask. Variants that "
                     f"take any mask: {', '.join(_dense_variants())}."
                 )
+            scale = _resolve_scale(spec, self.attn.config.scale, D)
+            only_dropout = am_visible is None and kp_visible is None and bias is None and spec.mask_fn is None
+            if only_dropout and not need_weights and (not causal or Nq == Nk_all):
+                # Dropout alone keeps SDPA's fused kernels (top-left causal = ours when square).
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale,
+                                                     enable_gqa=Hkv != H)
+                return self._finish(out, None, B, Nq, E, average)
             params = self.attn.params
             pattern = spec.mask_fn(Nq, Nk_all, causal=causal, **params) if spec.mask_fn is not None else None
             if pattern is not None:
@@ -431,7 +444,6 @@ class MultiheadAttention(nn.Module):
             for m in (am_visible, kp_visible):
                 if m is not None:
                     visible = m if visible is None else visible & m
-            scale = _resolve_scale(spec, self.attn.config.scale, D)
             out, weights = masked_biased_attention(
                 q, k, v, scale=scale, visible=visible, bias=bias, dropout_p=dropout_p, return_weights=need_weights,
             )
@@ -448,6 +460,9 @@ class MultiheadAttention(nn.Module):
                        return_weights=need_weights, backend=c.backend, params=self.attn.params,
                        module=self.attn.impl)
             out, weights = res if need_weights else (res, None)
+        return self._finish(out, weights, B, Nq, E, average)
+
+    def _finish(self, out, weights, B, Nq, E, average):
         out = self.out_proj(out.transpose(1, 2).reshape(B, Nq, E))
         if weights is not None and average:
             weights = weights.mean(dim=1)
