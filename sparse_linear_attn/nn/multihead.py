@@ -355,9 +355,9 @@ class MultiheadAttention(nn.Module):
             q_in = query + sinusoidal_encoding(Nq, E, base=self.rope_base, device=query.device, dtype=query.dtype)
             k_in = key + sinusoidal_encoding(Nk, self.kdim, base=self.rope_base, device=key.device, dtype=key.dtype)
         (w_q, b_q), (w_k, b_k), (w_v, b_v) = self._projections()
-        q = F.linear(q_in, w_q, b_q).view(B, Nq, H, D).transpose(1, 2)
-        k = F.linear(k_in, w_k, b_k).view(B, Nk, Hkv, D).transpose(1, 2)
-        v = F.linear(value, w_v, b_v).view(B, Nk, Hkv, D).transpose(1, 2)
+        q = F.linear(q_in, w_q, b_q).reshape(B, Nq, H, D).transpose(1, 2)
+        k = F.linear(k_in, w_k, b_k).reshape(B, Nk, Hkv, D).transpose(1, 2)
+        v = F.linear(value, w_v, b_v).reshape(B, Nk, Hkv, D).transpose(1, 2)
         if self.rotary is not None:
             q, k = self.rotary(q, k)
 
