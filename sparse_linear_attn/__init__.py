@@ -12,11 +12,17 @@ from . import variants as _variants  # noqa: F401  (registers the built-in varia
 from .api import AttentionModule, attention, build, dense_mask
 from .config import AttentionConfig
 from .metrics import relative_error
+from .nn import ALiBi, MultiheadAttention, RotaryEmbedding, SinusoidalPositionalEncoding, swap_attention
 from .registry import available_variants, describe, register_variant, unregister_variant
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALiBi",
+    "MultiheadAttention",
+    "RotaryEmbedding",
+    "SinusoidalPositionalEncoding",
+    "swap_attention",
     "AttentionConfig",
     "AttentionModule",
     "attention",
