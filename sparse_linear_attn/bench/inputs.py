@@ -70,7 +70,7 @@ def make_inputs(
         idx = (u * limit).long().clamp_max(n - 1)
         flat = idx.reshape(batch, heads, n * PEAKED_MATCHES, 1).expand(-1, -1, -1, head_dim)
         picked = torch.gather(k, 2, flat).view(batch, heads, n, PEAKED_MATCHES, head_dim)
-        # Logit of a matched key ≈ 3·‖k‖²/√D = 3·√D, far above the O(1) logits of the others.
+        # Logit of a matched key ≈ (3/√P)·‖k‖²/√D = 1.5·√D (P = 4), far above the O(1) others.
         q = 3.0 * picked.sum(dim=3) / math.sqrt(PEAKED_MATCHES) + 0.5 * torch.randn(shape, generator=gen)
     else:
         raise ValueError(f"unknown synthetic input kind {kind!r}; accepted: random, local, peaked (real: see bench.real)")

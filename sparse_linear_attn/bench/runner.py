@@ -66,6 +66,9 @@ class SweepSettings:
     #: Memory a dense float64/float32 reference (the ``math`` backend) may take, in bytes.
     max_reference_bytes: int = 4 << 30
     real_layer: int = 3
+    #: Longest N at which the exact references are computed (None: no limit). On a CPU the
+    #: exact reference at N = 64K takes as long as full attention itself: minutes.
+    reference_max_n: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -249,20 +252,25 @@ class _Point:
 
 
 def _full_reference(pt: _Point, causal: bool, scale: float, s: SweepSettings) -> tuple[torch.Tensor | None, str]:
-    """Exact attention in float32 through SDPA's fused path (O(N) memory), cached per point."""
+    """Exact attention through SDPA's fused path (O(N) memory), cached per point: float64 on
+    the CPU, float32 on CUDA (where float64 SDPA would fall back to an O(N²) path)."""
     key = ("full", causal, scale)
+    if key not in pt.refs and s.reference_max_n is not None and pt.n > s.reference_max_n:
+        pt.refs[key] = (None, f"exact reference skipped: N > reference_max_n={s.reference_max_n}")
     if key not in pt.refs:
         B, H, N, D = pt.shape
-        need = 6 * B * H * N * D * 4
+        rdtype = torch.float32 if pt.device.type == "cuda" else torch.float64
+        size = 4 if rdtype == torch.float32 else 8
+        need = 6 * B * H * N * D * size
         avail = _available_bytes(pt.device)
         if need > avail // 2:
             pt.refs[key] = (None, f"exact reference skipped: needs ~{_gib(need)}, {_gib(avail)} available")
         else:
             try:
                 with torch.no_grad():
-                    q, k, v = (t.float() for t in (pt.q, pt.k, pt.v))
+                    q, k, v = (t.to(rdtype) for t in (pt.q, pt.k, pt.v))
                     out = sla.attention(q, k, v, "full", causal=causal, scale=scale, backend="torch")
-                pt.refs[key] = (out, "full attention, float32, SDPA (torch backend)")
+                pt.refs[key] = (out, f"full attention, {str(rdtype).replace('torch.', '')}, SDPA (torch backend)")
             except Exception as e:  # noqa: BLE001 — recorded, the sweep goes on
                 pt.refs[key] = (None, f"exact reference failed: {type(e).__name__}: {e}")
     return pt.refs[key]
@@ -271,6 +279,8 @@ def _full_reference(pt: _Point, causal: bool, scale: float, s: SweepSettings) ->
 def _math_reference(pt: _Point, bv: BenchVariant, causal: bool, s: SweepSettings) -> tuple[torch.Tensor | None, str]:
     """The variant's own ``math`` backend (dense, O(N²) memory) in float64 where it fits, else float32."""
     key = ("math", bv.name, bv.params_json(), causal)
+    if key not in pt.refs and s.reference_max_n is not None and pt.n > s.reference_max_n:
+        pt.refs[key] = (None, f"math reference skipped: N > reference_max_n={s.reference_max_n}")
     if key not in pt.refs:
         B, H, N, _ = pt.shape
         entries = B * H * N * N
