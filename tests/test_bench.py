@@ -236,3 +236,47 @@ def test_real_encoder_matches_transformers_bert():
     with torch.no_grad():
         ref = model(input_ids=ids).last_hidden_state
     assert torch.allclose(real.encode(ids), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_visible_key_counts_against_brute_force(monkeypatch):
+    from sparse_linear_attn.bench import flops
+    from sparse_linear_attn.registry import Impl, VariantSpec, add, unregister_variant
+
+    def brute(mask_of):
+        return float(sum(sum(1 for j in range(nk) if mask_of(i, j)) for i in range(nq)) / nq)
+
+    for nq, nk, w, causal in ((40, 40, 5, False), (40, 40, 5, True), (24, 40, 3, True), (1, 9, 100, False)):
+        off = nk - nq
+
+        def sees(i, j):
+            p = i + off
+            return p - w <= j <= (p if causal else p + w)
+
+        assert flops._window_visible(nq, nk, causal, w) == pytest.approx(brute(sees))
+    for nq, nk in ((40, 40), (24, 40)):
+        assert flops._full_visible(nq, nk, True) == pytest.approx(brute(lambda i, j: j <= i + nk - nq))
+
+    # A block-local exact pattern: dense count when small, fitted from smaller dense masks when large.
+    def band_blocks(nq, nk, *, causal, block):
+        bi = torch.arange(nq)[:, None] // block
+        bj = torch.arange(nk)[None, :] // block
+        return (bi - bj).abs() <= 1
+
+    add(VariantSpec(name="bench_band", summary="test", exact=True, cost="O(N)",
+                    impls={"math": Impl(lambda *a, **k: None)}, mask_fn=lambda nq, nk, causal: band_blocks(nq, nk, causal=causal, block=16)))
+    try:
+        nq = nk = 512
+        dense, how = flops.avg_visible_keys("bench_band", {}, 512, 512, False)
+        expect = float(band_blocks(512, 512, causal=False, block=16).sum(-1).double().mean())
+        assert how == "dense_mask" and dense == pytest.approx(expect)
+        monkeypatch.setattr(flops, "DENSE_LIMIT", 1000)
+        monkeypatch.setattr(flops, "FIT_LENGTHS", (128, 256, 384))
+        flops._visible_cached.cache_clear()
+        fitted, how = flops.avg_visible_keys("bench_band", {}, 512, 512, False)
+        assert how.startswith("quadratic fit") and fitted == pytest.approx(expect, rel=1e-3)
+        f = flops.count_flops("bench_band", {}, batch=2, heads=3, nq=512, nk=512, head_dim=8, v_dim=8,
+                              causal=False, backward=True)
+        assert f["flops"] == pytest.approx(4 * 2 * 3 * 512 * fitted * 8 * 3.5)
+    finally:
+        flops._visible_cached.cache_clear()
+        unregister_variant("bench_band")

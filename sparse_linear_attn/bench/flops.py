@@ -15,9 +15,9 @@ Linear (kernelized) variants with feature dimension ``M`` (``elu``/``relu``: ``M
   each chunk, ``2·N·C̄·(M + Dv)`` with ``C̄ = (C + 1)/2`` visible keys on average.
 
 ``K̄`` comes from a closed form for ``full`` and ``sliding_window``; for other exact patterns from
-``sla.dense_mask`` when ``Nq·Nk`` is small, else from dense masks at two smaller lengths and an
-affine fit in N (exact for local/global/strided/random block layouts, whose visible count per
-query is a + b·N). The method is recorded with every result.
+``sla.dense_mask`` when ``Nq·Nk`` is small, else from dense masks at three smaller lengths and a
+quadratic fit of the total count in N (exact for local/global/strided block layouts, whose
+total is c0 + c1·N + c2·N² edges included; random blocks: exact in expectation). The method is recorded with every result.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .. import registry
 
 #: Largest Nq·Nk for which the dense mask is built directly.
 DENSE_LIMIT = 1 << 24
-FIT_LENGTHS = (2048, 4096)
+FIT_LENGTHS = (1024, 2048, 4096)
 BACKWARD_FACTOR = 2.5
 
 
@@ -68,12 +68,16 @@ def _visible_cached(name: str, nq: int, nk: int, causal: bool, params_items: tup
     if nq * nk <= DENSE_LIMIT:
         return _mask_visible(name, nq, nk, causal, params_items), "dense_mask"
     if nq != nk:
-        raise ValueError("affine extrapolation of the visible-key count assumes Nq == Nk")
-    (n1, n2) = FIT_LENGTHS
-    a1 = _mask_visible(name, n1, n1, causal, params_items)
-    a2 = _mask_visible(name, n2, n2, causal, params_items)
-    slope = (a2 - a1) / (n2 - n1)
-    return max(0.0, min(float(nk), a1 + slope * (nq - n1))), f"affine fit of dense_mask at N={n1},{n2}"
+        raise ValueError("extrapolating the visible-key count assumes Nq == Nk")
+    # The total count of visible entries of local/global/strided/random block patterns is a
+    # quadratic polynomial in N (edges included); three dense counts determine it.
+    ns = FIT_LENGTHS
+    totals = [_mask_visible(name, m, m, causal, params_items) * m for m in ns]
+    a = torch.tensor([[1.0, m, m * m] for m in ns], dtype=torch.float64)
+    c = torch.linalg.solve(a, torch.tensor(totals, dtype=torch.float64))
+    total = float(c[0] + c[1] * nq + c[2] * nq * nq)
+    lengths = ",".join(map(str, ns))
+    return max(0.0, min(float(nk), total / nq)), f"quadratic fit of dense_mask totals at N={lengths}"
 
 
 def avg_visible_keys(name: str, params: Mapping[str, Any], nq: int, nk: int, causal: bool) -> tuple[float, str]:
