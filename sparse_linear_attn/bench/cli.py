@@ -20,8 +20,8 @@ DEFAULT_CANDIDATES: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 DEFAULTS: dict[str, Any] = dict(
     seq_lens="1k,2k,4k,8k", batch=1, heads=8, head_dim=64, dtype="float32", device="auto", causal=False,
-    backward=False, inputs="random", temperature=1.0, repeats=5, warmup=1, seed=0, out="bench-out",
-    resume=False, plot=True, max_time_per_point=10.0, real_layer=3, reference_max_n=None,
+    backward=False, inputs="local", temperature=1.0, repeats=5, warmup=1, seed=0, out="bench-out",
+    resume=False, plot=True, max_time_per_point=5.0, real_layer=3, reference_max_n=None,
 )
 
 
@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None, help="causal masking (default off)")
     r.add_argument("--backward", action=argparse.BooleanOptionalAction, default=None,
                    help="time forward+backward instead of forward")
-    r.add_argument("--inputs", choices=["random", "local", "peaked", "real"])
+    r.add_argument("--inputs", choices=["random", "local", "peaked", "real"],
+                   help="input kind (default local: attention mass decays with distance, as in language models)")
     r.add_argument("--temperature", type=float, help="multiplies q (logit scale) for synthetic inputs")
     r.add_argument("--repeats", type=int, help="timed repeats after warm-up (default 5)")
     r.add_argument("--warmup", type=int, help="untimed calls after the first (default 1)")
@@ -69,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", action=argparse.BooleanOptionalAction, default=None,
                    help="draw the PNGs at the end (--no-plot: don't)")
     r.add_argument("--max-time-per-point", type=float,
-                   help="seconds the timed repeats of one point may take (default 10)")
+                   help="seconds the timed repeats of one point may take (default 5)")
     r.add_argument("--reference-max-n", type=int,
                    help="longest N at which exact references (errors) are computed (default: no limit)")
     r.add_argument("--real-layer", type=int, help="layer whose Q/K/V --inputs real captures (default 3)")

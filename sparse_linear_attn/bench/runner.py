@@ -53,7 +53,7 @@ class SweepSettings:
     device: str = "auto"
     causal: bool = False
     backward: bool = False
-    inputs: str = "random"
+    inputs: str = "local"
     temperature: float = 1.0
     repeats: int = 5
     warmup: int = 1
@@ -62,7 +62,7 @@ class SweepSettings:
     resume: bool = False
     #: Seconds the timed repeats of one point may take; repeats are cut down (to at least one)
     #: when the first calls say they would take longer.
-    max_time_per_point: float = 10.0
+    max_time_per_point: float = 5.0
     #: Memory a dense float64/float32 reference (the ``math`` backend) may take, in bytes.
     max_reference_bytes: int = 4 << 30
     real_layer: int = 3
