@@ -15,9 +15,10 @@ Linear (kernelized) variants with feature dimension ``M`` (``elu``/``relu``: ``M
   each chunk, ``2·N·C̄·(M + Dv)`` with ``C̄ = (C + 1)/2`` visible keys on average.
 
 ``K̄`` comes from a closed form for ``full`` and ``sliding_window``; for other exact patterns from
-``sla.dense_mask`` when ``Nq·Nk`` is small, else from dense masks at three smaller lengths and a
-quadratic fit of the total count in N (exact for local/global/strided block layouts, whose
-total is c0 + c1·N + c2·N² edges included; random blocks: exact in expectation). The method is recorded with every result.
+``sla.dense_mask`` up to N = 16K, else from dense masks at N = 4K, 8K, 16K and a quadratic fit
+of the total count in N (exact for local, global, strided and bigbird block layouts, whose
+total is c0 + c1·N + c2·N² edges included; within a few percent for ``fixed``, whose count
+depends on how N divides into chunks). The method is recorded with every result.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ import torch
 
 from .. import registry
 
-#: Largest Nq·Nk for which the dense mask is built directly.
-DENSE_LIMIT = 1 << 24
-FIT_LENGTHS = (1024, 2048, 4096)
+#: Largest Nq·Nk for which the dense bool mask is built directly (256 MiB at N = 16K).
+DENSE_LIMIT = 1 << 28
+FIT_LENGTHS = (4096, 8192, 16384)
 BACKWARD_FACTOR = 2.5
 
 
@@ -55,7 +56,8 @@ def _window_visible(nq: int, nk: int, causal: bool, window: int) -> float:
 def _mask_visible(name: str, nq: int, nk: int, causal: bool, params_items: tuple) -> float:
     from ..api import dense_mask
 
-    return float(dense_mask(name, nq, nk, causal=causal, **dict(params_items)).float().sum(-1).mean())
+    counts = dense_mask(name, nq, nk, causal=causal, **dict(params_items)).sum(-1, dtype=torch.int64)
+    return float(counts.double().mean())
 
 
 @lru_cache(maxsize=256)
