@@ -176,6 +176,15 @@ def test_study_files(tmp_path, capsys):
     assert "seq_len" in capsys.readouterr().err
 
 
+def test_backward_sweep(tmp_path):
+    assert main(["run", "--variants", "full", "additive:hidden_dim=8", "--seq-lens", "16", "--backward",
+                 "--no-plot", "--out", str(tmp_path), *TINY]) == 0
+    full, additive = read_results(tmp_path / "results.jsonl")
+    assert full["backward"] is True and full["status"] == "ok" and additive["status"] == "ok"
+    assert full["flops"] == pytest.approx(3.5 * 4 * 1 * 2 * 16 * 16 * 8)  # forward + 2.5× backward
+    assert "no exact reference" in additive["error_note"] and additive["rel_error_vs_full"] is None
+
+
 def test_committed_example_study_parses():
     from sparse_linear_attn.bench.spec import load_study, variant_from_entry
 
@@ -206,7 +215,7 @@ def test_synthetic_inputs_have_their_shape_of_attention():
     assert peaked_top > 0.8 > 0.5 > rand_top  # a few keys take almost all the mass
 
 
-def test_real_model_loader_on_short_text():
+def test_real_model_loader_on_short_text(tmp_path):
     from sparse_linear_attn.bench import real
 
     reason = real.missing_reason()
@@ -219,6 +228,13 @@ def test_real_model_loader_on_short_text():
     assert cos.shape == (4,) and float(cos.min()) > 0.99999
     # Unscaled scores change every layer: the end-to-end metric must see it.
     assert float(real.e2e_cosine("dot_product", {}, n=24)[0].mean()) < 0.999
+    # Through the sweep: real shapes recorded, end-to-end cosine of the exact variant is 1.
+    out = tmp_path / "real"
+    assert main(["run", "--inputs", "real", "--variants", "full", "--seq-lens", "16", "--repeats", "1",
+                 "--warmup", "0", "--no-plot", "--out", str(out)]) == 0
+    (rec,) = read_results(out / "results.jsonl")
+    assert (rec["heads"], rec["head_dim"], rec["status"]) == (12, 32, "ok")
+    assert rec["e2e_cosine"] > 0.99999 and "all-MiniLM-L6-v2" in rec["error_note"]
     # Two segments beyond 512 tokens: the first 512 positions equal a single-segment capture.
     q2, _, _, note2 = real.real_qkv(600, layer=1)
     q1, _, _, _ = real.real_qkv(512, layer=1)
