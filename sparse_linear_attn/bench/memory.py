@@ -4,11 +4,14 @@
   allocated before the call (so inputs do not count; the output does).
 * CPU: the process's resident set size sampled every ``interval`` seconds by a thread during
   the call (plus once right after it, while the output is alive), minus the RSS just before.
-  glibc keeps freed small/medium blocks in its heap and raises its mmap threshold dynamically,
-  which would hide a call's allocations inside memory freed by an earlier one; so on glibc we
-  pin ``M_MMAP_THRESHOLD`` (and ``M_TRIM_THRESHOLD``) to 128 KiB, which makes every large buffer
-  its own mapping, returned to the OS when freed. A sampled peak can miss a spike shorter than
-  the interval: treat small values as lower bounds.
+  glibc keeps freed blocks in its heap and raises its mmap threshold dynamically, which would
+  hide a call's allocations inside memory freed by an earlier one. So, on glibc and for the
+  measured call only, the heap is trimmed (``malloc_trim(0)``) and ``M_MMAP_THRESHOLD`` /
+  ``M_TRIM_THRESHOLD`` are set to 128 KiB, which makes every buffer above that its own mapping,
+  counted when touched; afterwards they are set to 32 / 64 MiB, the values glibc's dynamic
+  threshold reaches in a loop of large allocations, so the *timed* calls run with the allocator
+  behaviour a long-running process has. A sampled peak can miss a spike shorter than the
+  interval: treat small values as lower bounds.
 """
 
 from __future__ import annotations
@@ -25,17 +28,35 @@ import torch
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
 @lru_cache(maxsize=1)
-def pin_malloc_thresholds() -> bool:
-    """Make glibc return freed large buffers to the OS (see module docstring). True if done."""
+def _libc():
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 128 * 1024) == 1
-        ok &= libc.mallopt(m_trim_threshold, 128 * 1024) == 1
-        return bool(ok)
-    except (OSError, AttributeError):
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def set_malloc_thresholds(mmap_threshold: int, trim_threshold: int, *, trim: bool = False) -> bool:
+    """Set glibc's mmap and trim thresholds (optionally trimming the heap first). True if done."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
         return False
+    try:
+        if trim:
+            libc.malloc_trim(0)
+        ok = libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1
+        ok &= libc.mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
+        return bool(ok)
+    except (AttributeError, OSError):
+        return False
+
+
+def timing_malloc_thresholds() -> bool:
+    """The steady state of glibc's dynamic thresholds in a loop of large allocations."""
+    return set_malloc_thresholds(32 << 20, 64 << 20)
 
 
 def rss_bytes() -> int:
@@ -88,7 +109,7 @@ def measure_peak(device: torch.device, interval: float = 0.0005):
         m.bytes = torch.cuda.max_memory_allocated(device) - base
         m.method = "cuda max_memory_allocated"
         return
-    pinned = pin_malloc_thresholds()
+    pinned = set_malloc_thresholds(128 << 10, 128 << 10, trim=True)
     base = rss_bytes()
     sampler = _Sampler(interval)
     sampler.start()
@@ -96,5 +117,7 @@ def measure_peak(device: torch.device, interval: float = 0.0005):
         yield m
     finally:
         peak = sampler.stop()
+        if pinned:
+            timing_malloc_thresholds()
     m.bytes = max(0, peak - base)
     m.method = f"sampled RSS every {interval * 1e3:g} ms" + ("" if pinned else " (malloc thresholds not pinned)")
