@@ -230,9 +230,14 @@ def test_real_model_loader_on_short_text(tmp_path):
     assert float(real.e2e_cosine("dot_product", {}, n=24)[0].mean()) < 0.999
     # Through the sweep: real shapes recorded, end-to-end cosine of the exact variant is 1.
     out = tmp_path / "real"
-    assert main(["run", "--inputs", "real", "--variants", "full", "--seq-lens", "16", "--repeats", "1",
-                 "--warmup", "0", "--no-plot", "--out", str(out)]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert main(["run", "--inputs", "real", "--variants", "full", "--seq-lens", "16", "--repeats", "1",
+                     "--warmup", "0", "--no-plot", "--threads", "1", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     (rec,) = read_results(out / "results.jsonl")
+    assert rec["env"]["threads"] == 1
     assert (rec["heads"], rec["head_dim"], rec["status"]) == (12, 32, "ok")
     assert rec["e2e_cosine"] > 0.99999 and "all-MiniLM-L6-v2" in rec["error_note"]
     # Two segments beyond 512 tokens: the first 512 positions equal a single-segment capture.

@@ -21,7 +21,7 @@ DEFAULT_CANDIDATES: tuple[tuple[str, dict[str, Any]], ...] = (
 DEFAULTS: dict[str, Any] = dict(
     seq_lens="1k,2k,4k,8k", batch=1, heads=8, head_dim=64, dtype="float32", device="auto", causal=False,
     backward=False, inputs="local", temperature=1.0, repeats=5, warmup=1, seed=0, out="bench-out",
-    resume=False, plot=True, max_time_per_point=5.0, real_layer=3, reference_max_n=None,
+    resume=False, plot=True, max_time_per_point=5.0, real_layer=3, reference_max_n=None, threads=None,
 )
 
 
@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds the timed repeats of one point may take (default 5)")
     r.add_argument("--reference-max-n", type=int,
                    help="longest N at which exact references (errors) are computed (default: no limit)")
+    r.add_argument("--threads", type=int,
+                   help="torch intra-op threads (default: torch's). On a shared CPU, 1 gives steadier times")
     r.add_argument("--real-layer", type=int, help="layer whose Q/K/V --inputs real captures (default 3)")
 
     p = sub.add_parser("plot", help="draw PNGs and results.csv from a results.jsonl")

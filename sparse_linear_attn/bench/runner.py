@@ -69,6 +69,9 @@ class SweepSettings:
     #: Longest N at which the exact references are computed (None: no limit). On a CPU the
     #: exact reference at N = 64K takes as long as full attention itself: minutes.
     reference_max_n: int | None = None
+    #: torch intra-op threads (None: torch's default). On a CPU shared with other jobs, one
+    #: thread avoids waiting on a descheduled worker at every parallel op.
+    threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -84,6 +87,8 @@ class SweepSettings:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if not self.variants:
             raise ValueError("no variants to benchmark")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be an int >= 1 or None, got {self.threads!r}")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -466,6 +471,8 @@ def run_sweep(
     ``on_start(total, done_before)`` is called once; ``on_record(record, skipped)`` after each point.
     """
     device = s.resolved_device()
+    if s.threads is not None:
+        torch.set_num_threads(s.threads)
     if device.type == "cpu":
         timing_malloc_thresholds()  # fixed allocator behaviour for the timed calls (see bench.memory)
     out = Path(s.out)
