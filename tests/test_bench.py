@@ -176,6 +176,13 @@ def test_study_files(tmp_path, capsys):
     assert "seq_len" in capsys.readouterr().err
 
 
+def test_pareto_front():
+    from sparse_linear_attn.bench.plot import pareto_front
+
+    pts = [(1.0, 0.5), (2.0, 0.6), (3.0, 0.1), (0.5, 0.9), (3.0, 0.05), (4.0, 0.2)]
+    assert pareto_front(pts) == [(0.5, 0.9), (1.0, 0.5), (3.0, 0.05)]
+
+
 def test_backward_sweep(tmp_path):
     assert main(["run", "--variants", "full", "additive:hidden_dim=8", "--seq-lens", "16", "--backward",
                  "--no-plot", "--out", str(tmp_path), *TINY]) == 0
@@ -185,10 +192,11 @@ def test_backward_sweep(tmp_path):
     assert "no exact reference" in additive["error_note"] and additive["rel_error_vs_full"] is None
 
 
-def test_committed_example_study_parses():
+@pytest.mark.parametrize("name", ["example.yaml", "gpu-bf16.yaml"])
+def test_committed_studies_parse(name):
     from sparse_linear_attn.bench.spec import load_study, variant_from_entry
 
-    study = load_study(Path(__file__).parent.parent / "benchmarks" / "studies" / "example.yaml")
+    study = load_study(Path(__file__).parent.parent / "benchmarks" / "studies" / name)
     names = [e if isinstance(e, str) else e["variant"] for e in study["variants"]]
     missing = {n.split(":")[0] for n in names} - set(sla.available_variants())
     if missing:

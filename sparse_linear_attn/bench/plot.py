@@ -183,8 +183,21 @@ def plot_results(results: str | Path, out_dir: str | Path | None = None) -> list
         ax.scatter(xs, ys, s=sizes, label=name, color=colors[name], alpha=0.8)
         for x, y, r in zip(xs, ys, ok):
             ax.annotate(_short_n(r["n"]), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    front = pareto_front([(r["time_ms_median"], max(r["rel_error_vs_full"], floor)) for r in records
+                          if r.get("status") == "ok" and r.get("time_ms_median") and r.get("rel_error_vs_full") is not None])
+    if len(front) > 1:
+        ax.step(*zip(*front), where="post", color="k", lw=0.8, alpha=0.5, label="Pareto front")
     finish(fig, ax, "pareto.png")
     return written
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (time, error) points no other point beats on both, sorted by time."""
+    front: list[tuple[float, float]] = []
+    for t, e in sorted(points):
+        if not front or e < front[-1][1]:
+            front.append((t, e))
+    return front
 
 
 def _short_n(n: int) -> str:
