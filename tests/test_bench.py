@@ -67,6 +67,8 @@ def test_variant_spec_parsing():
         parse_variant_spec("ful")
     with pytest.raises(ParameterError, match="hidden_dim"):
         parse_variant_spec("additive:hiden_dim=3")
+    with pytest.raises(UnknownNameError, match="'flex'"):
+        parse_variant_spec("full:backend=flx")
     with pytest.raises(ParameterError, match="key=value"):
         parse_variant_spec("additive:32")
     assert parse_seq_lens("1k,2K,512") == [1024, 2048, 512]

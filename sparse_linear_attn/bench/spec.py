@@ -104,6 +104,11 @@ def make_variant(name: str, params: Mapping[str, Any]) -> BenchVariant:
     backend = params.pop("backend", "auto")
     if not isinstance(backend, str):
         raise ParameterError(f"variant {name!r}: backend must be a name, got {backend!r}")
+    from ..backends.dispatch import BACKENDS
+    from ..errors import UnknownNameError, unknown_name_message
+
+    if backend != "auto" and backend not in BACKENDS:
+        raise UnknownNameError(unknown_name_message("backend", backend, ["auto", *BACKENDS]))
     spec = registry.get(name)  # unknown names -> closest matches
     spec.resolve_params(params)  # unknown / invalid parameters -> clear error now, not mid-sweep
     return BenchVariant(name, params, backend)
