@@ -117,10 +117,6 @@ def test_run_schema_statuses_flops_errors_plots(tmp_path, capsys):
         assert by[("dot_product", n)]["rel_error_vs_full"] < 1e-5
     csv_lines = (tmp_path / "results.csv").read_text().strip().splitlines()
     assert len(csv_lines) == 1 + len(recs) and csv_lines[0].startswith("label,variant")
-    pytest.importorskip("matplotlib")
-    for png in ("time_vs_n.png", "memory_vs_n.png", "error_vs_n.png", "pareto.png"):
-        p = tmp_path / png
-        assert p.stat().st_size > 5000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "bench_boom" in out and "err vs full" in out  # the summary table
 
@@ -133,6 +129,15 @@ def test_run_schema_statuses_flops_errors_plots(tmp_path, capsys):
     assert big["full:backend=math"]["status"] == "oom" and "predicted" in big["full:backend=math"]["reason"]
     assert big["bench_zero"]["status"] == "ok" and big["bench_zero"]["rel_error_vs_full"] is None
     assert "reference_max_n" in big["bench_zero"]["error_note"]
+
+    # `sla-bench plot` redraws from the file alone.
+    assert main(["plot", str(tmp_path / "results.jsonl"), "--out", str(tmp_path / "replot")]) == 0
+    assert (tmp_path / "replot" / "results.csv").read_text() == (tmp_path / "results.csv").read_text()
+    pytest.importorskip("matplotlib")
+    for folder in (tmp_path, tmp_path / "replot"):
+        for png in ("time_vs_n.png", "memory_vs_n.png", "error_vs_n.png", "pareto.png"):
+            p = folder / png
+            assert p.stat().st_size > 5000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resume_after_interrupted_sweep(tmp_path):
