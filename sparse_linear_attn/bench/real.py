@@ -234,4 +234,5 @@ def e2e_cosine(variant: str, params: dict, backend: str = "auto", *, n: int, bat
     exact = mean_pool(encode(ids))
     approx = mean_pool(encode(ids, attn=variant_attn))
     cos = F.cosine_similarity(approx.double(), exact.double(), dim=-1)
-    return cos, f"all-MiniLM-L6-v2, all 6 layers' attention replaced, {count} chunks of {n} tokens, non-causal"
+    return cos, (f"all-MiniLM-L6-v2, all 6 layers' attention replaced, {count} chunks of {n} tokens, "
+                 "non-causal, on the CPU in float32")
