@@ -165,10 +165,3 @@ def load_study(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise ParameterError(f"study file {str(path)!r} must hold a mapping, got {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def study_path_ok(path: str) -> Path:
-    p = Path(path)
-    if p.suffix.lower() not in (".json", ".yaml", ".yml", ".toml"):
-        raise ParameterError(f"study file {path!r} must end in .json, .yaml, .yml or .toml")
-    return p
