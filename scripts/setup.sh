@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Set up sparse_linear_attn on a fresh machine: bash scripts/setup.sh [EXTRAS]   (default: test)
+# EXTRAS is one extras name or a comma list, e.g. `bench` or `bench,real,test`.
 # Where no GPU is present the CPU build torch==2.13.0 goes in first: a bare `torch` requirement
 # would otherwise pull several GB of CUDA packages.
 set -euo pipefail

