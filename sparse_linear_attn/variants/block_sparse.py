@@ -173,8 +173,9 @@ def block_sparse_reference(q, k, v, *, causal, key_padding_mask, scale, return_w
     return dense_attention(q, k, v, scale=scale, mask=mask, return_weights=return_weights)
 
 
-def _row_plan(layout: torch.Tensor, heads: int, causal: bool, nq: int, nk: int, bs: int):
-    """Rows ``(head, query block)`` sorted by how many key blocks they see, with those blocks."""
+def _row_plan(layout: torch.Tensor, causal: bool, nq: int, nk: int, bs: int):
+    """Rows (query blocks, or ``head·nqb + block`` for per-head layouts) sorted by how many key
+    blocks they see, their counts, and their key blocks (visible first, in column order)."""
     nqb, nkb = layout.shape[-2:]
     lay = layout.to(torch.bool)
     if causal:
@@ -182,29 +183,30 @@ def _row_plan(layout: torch.Tensor, heads: int, causal: bool, nq: int, nk: int, 
         a = torch.arange(nqb)[:, None]
         first_key = torch.arange(nkb)[None, :] * bs
         lay = lay & (first_key <= torch.clamp((a + 1) * bs, max=nq) - 1 + causal_offset(nq, nk))
-    lay = lay.expand(heads, nqb, nkb) if lay.dim() == 2 else lay
-    counts = lay.sum(-1).flatten()  # (H·nqb,)
+    lay = lay.reshape(-1, nkb)
+    counts = lay.sum(-1)
     order = torch.argsort(counts, stable=True)
-    # Key blocks of each row, visible ones first (in column order).
-    cols = torch.argsort(lay.flatten(0, 1).to(torch.int8), dim=-1, descending=True, stable=True)
+    cols = torch.argsort(lay.to(torch.int8), dim=-1, descending=True, stable=True)
     return order, counts, cols
 
 
-def _group(q, k, v, kpm, rows, counts, cols, *, bs, causal, scale, nq, nk):
-    """Outputs ``(B, g, bs, Dv)`` of ``rows`` (flat ``head·nqb + query block`` indices)."""
+def _group(q, k, v, kpm, rows, counts, cols, *, bs, causal, scale, nq, nk, per_head):
+    """Attention of one group of rows over their gathered key tiles.
+
+    Shared layout: ``rows`` are query blocks and all heads run together (grouped-query heads
+    share their key tiles); returns ``(B, H, g, bs, Dv)``. Per-head layout: ``rows`` are flat
+    ``head·nqb + block`` indices; returns ``(B, g, bs, Dv)``.
+    """
     B, H, nqp, D = q.shape
     Hkv, nkp, Dv = k.shape[1], k.shape[2], v.shape[3]
     nqb, nkb = nqp // bs, nkp // bs
+    g = rows.shape[0]
     c = int(counts[rows].max())
-    h, a = rows // nqb, rows % nqb
     kb = cols[rows, :c]  # (g, c) key blocks of each row, visible ones first
-    hk = (h // (H // Hkv))[:, None]
-    qg = q.view(B, H, nqb, bs, D)[:, h, a]  # (B, g, bs, D)
-    kg = k.view(B, Hkv, nkb, bs, D)[:, hk, kb].flatten(2, 3)  # (B, g, c·bs, D)
-    vg = v.view(B, Hkv, nkb, bs, Dv)[:, hk, kb].flatten(2, 3)
+    a = rows % nqb
     ar = torch.arange(bs, device=q.device)
     j = (kb[:, :, None] * bs + ar).flatten(1)  # (g, c·bs) key positions
-    used = torch.arange(c, device=q.device)[None, :] < counts[rows][:, None]  # rows see fewer than c
+    used = torch.arange(c, device=q.device)[None, :] < counts[rows][:, None]  # a row may see fewer than c
     mask = (used.repeat_interleave(bs, 1) & (j < nk))[:, None, :]  # (g, 1, c·bs)
     if causal:
         i = a[:, None] * bs + ar  # (g, bs) query positions
@@ -212,13 +214,31 @@ def _group(q, k, v, kpm, rows, counts, cols, *, bs, causal, scale, nq, nk):
     mask = mask[None]  # (1, g, bs|1, c·bs)
     if kpm is not None:
         mask = mask & ~kpm[:, j][:, :, None, :]
-    if bool(mask.all()):
-        return F.scaled_dot_product_attention(qg, kg, vg, scale=scale)
-    visible = mask.any(-1, keepdim=True)
-    # A query seeing no key would make some kernels return NaN: let it see everything, then
-    # zero its output (and so its gradient).
-    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask | ~visible, scale=scale)
-    return out * visible.to(out.dtype)
+    visible = None
+    if not bool(mask.all()):
+        visible = mask.any(-1, keepdim=True)  # (B|1, g, bs, 1)
+        # A query seeing no key would make some kernels return NaN: let it see everything,
+        # then zero its output (and so its gradient).
+        mask = mask | ~visible
+    if per_head:
+        h = rows // nqb
+        hk = (h // (H // Hkv))[:, None]
+        qg = q.view(B, H, nqb, bs, D)[:, h, a]  # (B, g, bs, D)
+        kg = k.view(B, Hkv, nkb, bs, D)[:, hk, kb].flatten(2, 3)  # (B, g, c·bs, D)
+        vg = v.view(B, Hkv, nkb, bs, Dv)[:, hk, kb].flatten(2, 3)
+        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=None if visible is None else mask, scale=scale)
+        return out if visible is None else out * visible.to(out.dtype)
+    qg = q.view(B, H, nqb, bs, D)[:, :, a].transpose(1, 2).reshape(B * g, H, bs, D)
+    kg = k.view(B, Hkv, nkb, bs, D)[:, :, kb].transpose(1, 2).reshape(B * g, Hkv, c * bs, D)
+    vg = v.view(B, Hkv, nkb, bs, Dv)[:, :, kb].transpose(1, 2).reshape(B * g, Hkv, c * bs, Dv)
+    if visible is not None:
+        mask = mask.expand(B, g, mask.shape[2], c * bs).reshape(B * g, 1, -1, c * bs)
+    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=None if visible is None else mask,
+                                         scale=scale, enable_gqa=H != Hkv)
+    out = out.view(B, g, H, bs, Dv)
+    if visible is not None:
+        out = out * visible.expand(B, g, bs, 1)[:, :, None].to(out.dtype)
+    return out.transpose(1, 2)
 
 
 def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, **params):
@@ -227,10 +247,11 @@ def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weigh
         return block_sparse_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
                                       scale=scale, return_weights=True, **params)
     B, H, nq, D = q.shape
-    nk, Dv = k.shape[2], v.shape[3]
+    Hkv, nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     bs = params["block_size"]
     layout = resolve_layout(nq, nk, causal=causal, heads=H, **params)
-    order, counts, cols = _row_plan(layout.cpu(), H, causal, nq, nk, bs)
+    per_head = layout.dim() == 3
+    order, counts, cols = _row_plan(layout.cpu(), causal, nq, nk, bs)
     counts_sorted = counts[order].tolist()
     order, counts, cols = order.to(q.device), counts.to(q.device), cols.to(q.device)
     nqb, nkb = _blocks(nq, bs), _blocks(nk, bs)
@@ -242,9 +263,12 @@ def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weigh
     if kpm is not None and nk % bs:
         kpm = F.pad(kpm, (0, nkb * bs - nk), value=True)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    kw = dict(bs=bs, causal=causal, scale=scale, nq=nq, nk=nk)
-    per_block = B * bs * max(D, Dv)
-    out = q.new_zeros(B, H * nqb, bs, Dv)  # rows that see no block stay zero
+    kw = dict(bs=bs, causal=causal, scale=scale, nq=nq, nk=nk, per_head=per_head)
+    # Elements gathered per key block of one row: k and v tiles (all kv heads when shared).
+    per_block = B * bs * max(D, Dv) * (1 if per_head else max(H, Hkv))
+    # Output rows: (B, H·nqb, bs, Dv) per head, (B, H, nqb, bs, Dv) shared; unseen rows stay zero.
+    out = q.new_zeros((B, H * nqb, bs, Dv) if per_head else (B, H, nqb, bs, Dv))
+    dim = 1 if per_head else 2
     done, pieces = [], []
     n_rows = len(counts_sorted)
     start = next((r for r, n in enumerate(counts_sorted) if n > 0), n_rows)
@@ -259,10 +283,10 @@ def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weigh
             pieces.append(checkpoint(_group, qp, kp, vp, kpm, rows, counts, cols, use_reentrant=False, **kw))
             done.append(rows)
         else:
-            out.index_copy_(1, rows, _group(qp, kp, vp, kpm, rows, counts, cols, **kw))
+            out.index_copy_(dim, rows, _group(qp, kp, vp, kpm, rows, counts, cols, **kw))
         start = stop
     if grad and pieces:
-        out = out.index_copy(1, torch.cat(done), torch.cat(pieces, dim=1))
+        out = out.index_copy(dim, torch.cat(done), torch.cat(pieces, dim=dim))
     out = out.view(B, H, nqb * bs, Dv)
     return (out[:, :, :nq] if nq % bs else out), None
 
@@ -329,7 +353,7 @@ def _check_params(p: Mapping[str, Any]) -> str | None:
     if p["layout"] is not None:
         lay = p["layout"]
         if isinstance(lay, torch.Tensor) and lay.dtype != torch.bool:
-            return f"layout must be a bool tensor (Nq_blocks, Nk_blocks) or (H, ...), got dtype {lay.dtype}"
+            return f"layout must have dtype torch.bool (shape (Nq_blocks, Nk_blocks) or (H, ...)), got dtype {lay.dtype}"
         if isinstance(lay, torch.Tensor) and lay.dim() not in (2, 3):
             return f"layout must have 2 or 3 dims (Nq_blocks, Nk_blocks) or (H, ...), got shape {tuple(lay.shape)}"
         if not isinstance(lay, (torch.Tensor, list, tuple)):
