@@ -32,6 +32,7 @@ tensor.
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,7 +47,7 @@ from ..inputs import causal_offset, full_visibility
 from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least
 
 #: Elements of the gathered key (and value) tiles built at once; bounds working memory.
-GROUP_ELEMENTS = 1 << 21
+GROUP_ELEMENTS = 1 << 22
 
 PATTERNS = ("bigbird", "fixed", "local", "longformer", "strided")
 
@@ -64,7 +65,17 @@ def _blocks(n: int, block_size: int) -> int:
     return -(-n // block_size)
 
 
-def pattern_layout(
+def pattern_layout(*args, **kwargs) -> torch.Tensor:
+    """The bool ``(nq_blocks, nk_blocks)`` layout of a named pattern (see the module docstring).
+
+    ``pattern_layout(pattern, nq_blocks, nk_blocks, *, causal=False, num_local_blocks=3,
+    num_global_blocks=1, num_random_blocks=2, stride=4, seed=0)``; cached, returns a copy.
+    """
+    return _pattern_layout(*args, **kwargs).clone()
+
+
+@lru_cache(maxsize=64)
+def _pattern_layout(
     pattern: str,
     nq_blocks: int,
     nk_blocks: int,
@@ -76,7 +87,6 @@ def pattern_layout(
     stride: int = 4,
     seed: int = 0,
 ) -> torch.Tensor:
-    """The bool ``(nq_blocks, nk_blocks)`` layout of a named pattern (see the module docstring)."""
     if not isinstance(pattern, str) or pattern not in PATTERNS:
         raise UnknownNameError(unknown_name_message("block_sparse pattern", str(pattern), PATTERNS))
     a = torch.arange(nq_blocks)[:, None] + (nk_blocks - nq_blocks)  # aligned query block
@@ -110,16 +120,13 @@ def pattern_layout(
         need("num_random_blocks", num_random_blocks, nk_blocks, "the number of key blocks")
     layout = (d.abs() < num_local_blocks) | (b < num_global_blocks) | (a < num_global_blocks)
     if pattern == "bigbird":
+        # Random blocks come from those not already visible (and, causal, not in the future):
+        # the num_random_blocks highest of a seeded uniform draw over the allowed ones.
         gen = torch.Generator().manual_seed(seed)
-        for row in range(nq_blocks):
-            # Random blocks come from those not already visible (and, causal, not in the future).
-            allowed = ~layout[row]
-            if causal:
-                allowed &= b[0] <= a[row, 0]
-            choices = allowed.nonzero().flatten()
-            if len(choices):
-                pick = torch.randperm(len(choices), generator=gen)[: num_random_blocks]
-                layout[row, choices[pick]] = True
+        allowed = ~layout & ((b <= a) if causal else torch.ones_like(layout))
+        score = torch.rand(nq_blocks, nk_blocks, generator=gen).masked_fill(~allowed, -1.0)
+        top, idx = score.topk(min(num_random_blocks, nk_blocks), dim=-1)
+        layout = layout.scatter(1, idx, top >= 0) | layout
     return layout
 
 
@@ -154,7 +161,7 @@ def resolve_layout(nq: int, nk: int, *, causal: bool, heads: int | None = None, 
     if params.get("layout") is not None:
         return check_layout(params["layout"], nqb, nkb, heads)
     names = ("num_local_blocks", "num_global_blocks", "num_random_blocks", "stride", "seed")
-    return pattern_layout(params.get("pattern") or "local", nqb, nkb, causal=causal,
+    return _pattern_layout(params.get("pattern") or "local", nqb, nkb, causal=causal,
                           **{n: params[n] for n in names if n in params})
 
 
@@ -174,71 +181,85 @@ def block_sparse_reference(q, k, v, *, causal, key_padding_mask, scale, return_w
 
 
 def _row_plan(layout: torch.Tensor, causal: bool, nq: int, nk: int, bs: int):
-    """Rows (query blocks, or ``head·nqb + block`` for per-head layouts) sorted by how many key
-    blocks they see, their counts, and their key blocks (visible first, in column order)."""
+    """Rows (query blocks, or ``head·nqb + block`` for per-head layouts), sorted so that rows of
+    one width (and one kind, see below) are contiguous: ``(order, counts, cols, simple)``.
+
+    ``cols[r]`` lists row ``r``'s key blocks, visible ones first in column order. ``simple[r]``
+    is True where the row's only partial tile is, under ``causal`` with ``Nq == Nk``, its
+    diagonal one, placed last: such rows of equal width share one constant mask.
+    """
     nqb, nkb = layout.shape[-2:]
     lay = layout.to(torch.bool)
+    a = torch.arange(nqb)[:, None]
     if causal:
         # Tiles entirely in the future are dropped here; the diagonal ones are masked in _group.
-        a = torch.arange(nqb)[:, None]
         first_key = torch.arange(nkb)[None, :] * bs
         lay = lay & (first_key <= torch.clamp((a + 1) * bs, max=nq) - 1 + causal_offset(nq, nk))
-    lay = lay.reshape(-1, nkb)
+    lay = lay.expand(*lay.shape[:-2], nqb, nkb).reshape(-1, nkb)
     counts = lay.sum(-1)
-    order = torch.argsort(counts, stable=True)
     cols = torch.argsort(lay.to(torch.int8), dim=-1, descending=True, stable=True)
-    return order, counts, cols
+    last = cols.gather(1, (counts - 1).clamp(min=0)[:, None])[:, 0]
+    block = torch.arange(lay.shape[0]) % nqb
+    simple = (last == block) if (causal and nq == nk) else torch.zeros_like(counts, dtype=torch.bool)
+    order = torch.argsort(counts * 2 + simple.to(counts.dtype), stable=True)
+    return order, counts, cols, simple
 
 
-def _group(q, k, v, kpm, rows, counts, cols, *, bs, causal, scale, nq, nk, per_head):
+def _group(q, k, v, kpm, rows, counts, cols, *, bs, causal, scale, nq, nk, per_head, mask_kind, fix_empty):
     """Attention of one group of rows over their gathered key tiles.
 
-    Shared layout: ``rows`` are query blocks and all heads run together (grouped-query heads
-    share their key tiles); returns ``(B, H, g, bs, Dv)``. Per-head layout: ``rows`` are flat
-    ``head·nqb + block`` indices; returns ``(B, g, bs, Dv)``.
+    Returns ``(out, qidx)``: ``out (B·g·H', bs, Dv)`` and the rows of ``q.view(-1, bs, D)`` it
+    belongs to. Shared layout: ``rows`` are query blocks and all heads run together
+    (grouped-query heads share their key tiles, ``H' = H``). Per-head layout: ``rows`` are flat
+    ``head·nqb + block`` indices (``H' = 1``). Tiles are gathered with ``index_select`` on whole
+    ``(bs, D)`` tiles, straight into SDPA's layout.
     """
     B, H, nqp, D = q.shape
     Hkv, nkp, Dv = k.shape[1], k.shape[2], v.shape[3]
     nqb, nkb = nqp // bs, nkp // bs
+    dev = q.device
     g = rows.shape[0]
     c = int(counts[rows].max())
     kb = cols[rows, :c]  # (g, c) key blocks of each row, visible ones first
     a = rows % nqb
-    ar = torch.arange(bs, device=q.device)
-    j = (kb[:, :, None] * bs + ar).flatten(1)  # (g, c·bs) key positions
-    used = torch.arange(c, device=q.device)[None, :] < counts[rows][:, None]  # a row may see fewer than c
-    mask = (used.repeat_interleave(bs, 1) & (j < nk))[:, None, :]  # (g, 1, c·bs)
-    if causal:
-        i = a[:, None] * bs + ar  # (g, bs) query positions
-        mask = mask & (j[:, None, :] <= i[:, :, None] + causal_offset(nq, nk))
-    mask = mask[None]  # (1, g, bs|1, c·bs)
-    if kpm is not None:
-        mask = mask & ~kpm[:, j][:, :, None, :]
-    visible = None
-    if not bool(mask.all()):
-        visible = mask.any(-1, keepdim=True)  # (B|1, g, bs, 1)
-        # A query seeing no key would make some kernels return NaN: let it see everything,
-        # then zero its output (and so its gradient).
-        mask = mask | ~visible
+    bi = torch.arange(B, device=dev)[:, None, None]
     if per_head:
-        h = rows // nqb
-        hk = (h // (H // Hkv))[:, None]
-        qg = q.view(B, H, nqb, bs, D)[:, h, a]  # (B, g, bs, D)
-        kg = k.view(B, Hkv, nkb, bs, D)[:, hk, kb].flatten(2, 3)  # (B, g, c·bs, D)
-        vg = v.view(B, Hkv, nkb, bs, Dv)[:, hk, kb].flatten(2, 3)
-        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=None if visible is None else mask, scale=scale)
-        return out if visible is None else out * visible.to(out.dtype)
-    qg = q.view(B, H, nqb, bs, D)[:, :, a].transpose(1, 2).reshape(B * g, H, bs, D)
-    kg = k.view(B, Hkv, nkb, bs, D)[:, :, kb].transpose(1, 2).reshape(B * g, Hkv, c * bs, D)
-    vg = v.view(B, Hkv, nkb, bs, Dv)[:, :, kb].transpose(1, 2).reshape(B * g, Hkv, c * bs, Dv)
+        h = (rows // nqb)[None, :, None]  # (1, g, 1)
+        hk = h // (H // Hkv)
+    else:
+        h = torch.arange(H, device=dev)[None, None, :]
+        hk = torch.arange(Hkv, device=dev)[None, None, :]
+    qidx = ((bi * H + h) * nqb + a[None, :, None]).flatten()  # (B·g·H')
+    kidx = (((bi * Hkv + hk) * nkb)[..., None] + kb[None, :, None, :]).flatten()  # (B·g·Hk'·c)
+    hq_, hk_ = h.shape[-1], hk.shape[-1]
+    qg = q.reshape(-1, bs * D).index_select(0, qidx).view(B * g, hq_, bs, D)
+    kg = k.reshape(-1, bs * D).index_select(0, kidx).view(B * g, hk_, c * bs, D)
+    vg = v.reshape(-1, bs * Dv).index_select(0, kidx).view(B * g, hk_, c * bs, Dv)
+    mask = visible = None
+    if mask_kind == "diagonal":
+        # Every tile but the last is wholly visible; the last is the causal diagonal.
+        r = torch.arange(bs, device=dev)
+        mask = torch.cat([torch.ones(bs, (c - 1) * bs, dtype=torch.bool, device=dev), r[None, :] <= r[:, None]], 1)
+    elif mask_kind == "general":
+        ar = torch.arange(bs, device=dev)
+        j = (kb[:, :, None] * bs + ar).flatten(1)  # (g, c·bs) key positions
+        used = (torch.arange(c, device=dev)[None, :] < counts[rows][:, None]).repeat_interleave(bs, 1)
+        # Unused slots and keys past the end get a position no query may see.
+        j = j.masked_fill(~used | (j >= nk), nk + nqp + nkp)
+        limit = (a[:, None] * bs + ar + causal_offset(nq, nk)) if causal else torch.full((g, 1), nk - 1, device=dev)
+        mask = (j[:, None, :] <= limit[:, :, None])[None]  # (1, g, bs|1, c·bs)
+        if kpm is not None:
+            mask = mask & ~kpm[:, j.clamp(max=nkp - 1)][:, :, None, :]
+        if fix_empty:
+            # A query seeing no key would make some kernels return NaN: let it see everything,
+            # then zero its output (and so its gradient).
+            visible = mask.any(-1, keepdim=True)
+            mask = mask | ~visible
+        mask = mask.expand(B, g, mask.shape[2], c * bs).reshape(B * g, 1, mask.shape[2], c * bs)
+    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale, enable_gqa=hq_ != hk_)
     if visible is not None:
-        mask = mask.expand(B, g, mask.shape[2], c * bs).reshape(B * g, 1, -1, c * bs)
-    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=None if visible is None else mask,
-                                         scale=scale, enable_gqa=H != Hkv)
-    out = out.view(B, g, H, bs, Dv)
-    if visible is not None:
-        out = out * visible.expand(B, g, bs, 1)[:, :, None].to(out.dtype)
-    return out.transpose(1, 2)
+        out = out * visible.expand(B, g, bs, 1).reshape(B * g, 1, bs, 1).to(out.dtype)
+    return out.reshape(B * g * hq_, bs * Dv), qidx
 
 
 def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, **params):
@@ -251,14 +272,15 @@ def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weigh
     bs = params["block_size"]
     layout = resolve_layout(nq, nk, causal=causal, heads=H, **params)
     per_head = layout.dim() == 3
-    order, counts, cols = _row_plan(layout.cpu(), causal, nq, nk, bs)
-    counts_sorted = counts[order].tolist()
+    order, counts, cols, simple = _row_plan(layout.cpu(), causal, nq, nk, bs)
+    counts_sorted, simple_sorted = counts[order].tolist(), simple[order].tolist()
     order, counts, cols = order.to(q.device), counts.to(q.device), cols.to(q.device)
     nqb, nkb = _blocks(nq, bs), _blocks(nk, bs)
     # Ragged lengths: pad to whole blocks (padded keys are masked out, padded queries dropped).
-    qp = F.pad(q, (0, 0, 0, nqb * bs - nq)) if nq % bs else q
-    kp = F.pad(k, (0, 0, 0, nkb * bs - nk)) if nk % bs else k
-    vp = F.pad(v, (0, 0, 0, nkb * bs - nk)) if nk % bs else v
+    # Tiles are gathered from (B·H·blocks, bs·D) views, so the inputs are made contiguous once.
+    qp = (F.pad(q, (0, 0, 0, nqb * bs - nq)) if nq % bs else q).contiguous()
+    kp = (F.pad(k, (0, 0, 0, nkb * bs - nk)) if nk % bs else k).contiguous()
+    vp = (F.pad(v, (0, 0, 0, nkb * bs - nk)) if nk % bs else v).contiguous()
     kpm = key_padding_mask
     if kpm is not None and nk % bs:
         kpm = F.pad(kpm, (0, nkb * bs - nk), value=True)
@@ -266,27 +288,37 @@ def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weigh
     kw = dict(bs=bs, causal=causal, scale=scale, nq=nq, nk=nk, per_head=per_head)
     # Elements gathered per key block of one row: k and v tiles (all kv heads when shared).
     per_block = B * bs * max(D, Dv) * (1 if per_head else max(H, Hkv))
-    # Output rows: (B, H·nqb, bs, Dv) per head, (B, H, nqb, bs, Dv) shared; unseen rows stay zero.
-    out = q.new_zeros((B, H * nqb, bs, Dv) if per_head else (B, H, nqb, bs, Dv))
-    dim = 1 if per_head else 2
+    off = causal_offset(nq, nk)
+    ragged = nk % bs != 0
+    # A query can end up seeing nothing only with padding or a causal offset off the grid.
+    fix_empty = kpm is not None or (causal and (off % bs != 0 or nq > nk))
+    out = q.new_zeros(B * H * nqb, bs * Dv)  # rows that see no block stay zero
     done, pieces = [], []
     n_rows = len(counts_sorted)
     start = next((r for r, n in enumerate(counts_sorted) if n > 0), n_rows)
     while start < n_rows:
-        # Rows are sorted by count, so a group's widest row is its last: grow within the budget.
+        # Rows are sorted by (width, kind): grow the group within the budget and, where a
+        # shared constant mask can serve, within one width and kind.
+        c0, s0 = counts_sorted[start], simple_sorted[start]
+        uniform = kpm is None and (not ragged or (causal and nq == nk)) and (s0 or not causal)
         stop = start + 1
-        while stop < n_rows and (stop + 1 - start) * counts_sorted[stop] * per_block <= GROUP_ELEMENTS:
+        while (stop < n_rows and (stop + 1 - start) * counts_sorted[stop] * per_block <= GROUP_ELEMENTS
+               and (not uniform or (counts_sorted[stop] == c0 and simple_sorted[stop] == s0))):
             stop += 1
+        mask_kind = ("diagonal" if causal else None) if uniform else "general"
         rows = order[start:stop]
+        gkw = dict(kw, mask_kind=mask_kind, fix_empty=fix_empty)
         if grad:
             # Recomputed in backward: the gathered tiles are not kept for the whole sequence.
-            pieces.append(checkpoint(_group, qp, kp, vp, kpm, rows, counts, cols, use_reentrant=False, **kw))
-            done.append(rows)
+            piece, qidx = checkpoint(_group, qp, kp, vp, kpm, rows, counts, cols, use_reentrant=False, **gkw)
+            pieces.append(piece)
+            done.append(qidx)
         else:
-            out.index_copy_(dim, rows, _group(qp, kp, vp, kpm, rows, counts, cols, **kw))
+            piece, qidx = _group(qp, kp, vp, kpm, rows, counts, cols, **gkw)
+            out.index_copy_(0, qidx, piece)
         start = stop
     if grad and pieces:
-        out = out.index_copy(dim, torch.cat(done), torch.cat(pieces, dim=dim))
+        out = out.index_copy(0, torch.cat(done), torch.cat(pieces))
     out = out.view(B, H, nqb * bs, Dv)
     return (out[:, :, :nq] if nq % bs else out), None
 

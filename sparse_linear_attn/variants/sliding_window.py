@@ -34,7 +34,7 @@ from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least
 #: Query rows per tile. 64 measured fastest on a 2-core AVX-512 CPU (32..256 tried).
 TILE = 64
 #: Elements of the gathered key (and value) copies built at once; bounds working memory.
-GROUP_ELEMENTS = 1 << 21
+GROUP_ELEMENTS = 1 << 22
 
 
 def sliding_window_mask(nq: int, nk: int, *, causal: bool = False, window: int = 256) -> torch.Tensor:
