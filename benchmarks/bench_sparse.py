@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_linear_attn as sla
+from sparse_linear_attn.variants.block_sparse import resolve_layout
 
 
 def best_time(fn, repeats: int) -> float:
@@ -44,35 +45,15 @@ def best_time(fn, repeats: int) -> float:
 
 
 def flex_sliding(q, k, v, window):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    def mask_mod(b, h, qi, kv):
-        return (kv <= qi) & (qi - kv <= window)
-
-    n = q.shape[2]
-    bm = create_block_mask(mask_mod, None, None, n, n, device="cpu")
-    compiled = torch.compile(flex_attention, dynamic=False)
-    return lambda: compiled(q, k, v, block_mask=bm)
+    """Compiled FlexAttention, same mask: the library's ``flex`` backend (BlockMask with full
+    tiles marked, so Flex skips the mask function inside the band)."""
+    return lambda: sla.attention(q, k, v, "sliding_window", window=window, causal=True, backend="flex")
 
 
 def flex_layout(q, k, v, layout, block_size):
-    """Compiled Flex on a block layout, BlockMask from the layout (as a Flex user would write it)."""
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-
-    lay = layout
-
-    def mask_mod(b, h, qi, kv):
-        return lay[qi // block_size, kv // block_size] & (kv <= qi)
-
-    nb = lay.shape[0]
-    causal_blocks = torch.tril(torch.ones(nb, nb, dtype=torch.bool))
-    partial = (lay & causal_blocks)[None, None]
-    num = partial.sum(-1, dtype=torch.int32)
-    idx = torch.argsort(partial.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-    n = q.shape[2]
-    bm = BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(n, n))
-    compiled = torch.compile(flex_attention, dynamic=False)
-    return lambda: compiled(q, k, v, block_mask=bm)
+    """Compiled FlexAttention on the same block layout (``flex`` backend, BlockMask from the layout)."""
+    return lambda: sla.attention(q, k, v, "block_sparse", layout=layout, block_size=block_size, causal=True,
+                                 backend="flex")
 
 
 def memory_child(n: int, window: int) -> None:
@@ -106,6 +87,7 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--memory-only", action="store_true")
     ap.add_argument("--memory-n", type=int, default=65536)
     ap.add_argument("--_memory-child", dest="memory_child", action="store_true", help=argparse.SUPPRESS)
@@ -113,8 +95,11 @@ def main(argv=None) -> int:
     if args.memory_child:
         memory_child(args.memory_n, args.window)
         return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores")
     if not args.memory_only:
         torch.manual_seed(0)
         B, H, N, D, w = 1, 8, args.n, 64, args.window
@@ -131,7 +116,7 @@ def main(argv=None) -> int:
             bs = 64
             kw = dict(pattern="bigbird", block_size=bs, causal=True)
             t_bb = best_time(lambda: sla.attention(q, k, v, "block_sparse", **kw), args.repeats)
-            layout = sla.variants.block_sparse.resolve_layout(N, N, block_size=bs, **{x: y for x, y in kw.items() if x != "block_size"})
+            layout = resolve_layout(N, N, causal=True, pattern="bigbird", block_size=bs)
             density = float((layout & torch.tril(torch.ones_like(layout))).float().mean())
             print(f"  block_sparse bigbird bs=64 (auto) {t_bb * 1e3:9.1f} ms   (causal block density {density:.3f})")
             if not args.no_flex:

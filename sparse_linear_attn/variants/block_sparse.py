@@ -47,7 +47,7 @@ from ..inputs import causal_offset, full_visibility
 from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least
 
 #: Elements of the gathered key (and value) tiles built at once; bounds working memory.
-GROUP_ELEMENTS = 1 << 22
+GROUP_ELEMENTS = 1 << 23
 
 PATTERNS = ("bigbird", "fixed", "local", "longformer", "strided")
 

@@ -34,7 +34,7 @@ from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least
 #: Query rows per tile. 64 measured fastest on a 2-core AVX-512 CPU (32..256 tried).
 TILE = 64
 #: Elements of the gathered key (and value) copies built at once; bounds working memory.
-GROUP_ELEMENTS = 1 << 22
+GROUP_ELEMENTS = 1 << 23
 
 
 def sliding_window_mask(nq: int, nk: int, *, causal: bool = False, window: int = 256) -> torch.Tensor:
@@ -128,18 +128,24 @@ def sliding_window_torch(q, k, v, *, causal, key_padding_mask, scale, return_wei
     group = max(1, min(n_tiles, GROUP_ELEMENTS // per_tile))
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     kw = dict(T=T, wl=wl, wr=wr, offset=offset, scale=scale)
+    # Tiles [first, last) have their whole key span inside [0, Nk) and all their queries: the
+    # band alone masks them. Edge tiles go in groups of their own, so that only those build a
+    # per-tile mask (every op counts when other processes share the cores).
+    first = min(n_tiles, max(0, -(-(wl - offset) // T)))
+    last = max(first, min(n_tiles, (nk - offset - T - wr) // T + 1, nq // T))
+    groups = []
+    for lo, hi in ((0, first), (first, last), (last, n_tiles)):
+        groups += [(t0, min(group, hi - t0)) for t0 in range(lo, hi, group)]
     if grad:
         # Recompute each group in the backward pass instead of keeping its gathered k/v copies,
         # so training memory stays O(N·D) as well.
         pieces = [
-            checkpoint(_tile_group, q, k, v, key_padding_mask, band, t0, min(group, n_tiles - t0),
-                       use_reentrant=False, **kw)
-            for t0 in range(0, n_tiles, group)
+            checkpoint(_tile_group, q, k, v, key_padding_mask, band, t0, g, use_reentrant=False, **kw)
+            for t0, g in groups
         ]
         return torch.cat(pieces, dim=2)[:, :, :nq], None
     out = q.new_empty(B, H, nq, Dv)
-    for t0 in range(0, n_tiles, group):
-        g = min(group, n_tiles - t0)
+    for t0, g in groups:
         piece = _tile_group(q, k, v, key_padding_mask, band, t0, g, **kw)
         stop = min(nq, (t0 + g) * T)
         out[:, :, t0 * T:stop] = piece[:, :, : stop - t0 * T]
