@@ -57,7 +57,20 @@ CASES = [
     (130, 130, 0, True, 2, 2, False),  # window 0: each query sees only itself
     (50, 50, 1000, False, 2, 2, False),  # window wider than the sequence
     (129, 129, 64, True, 4, 1, True),  # multi-query, tile boundaries
+    (150, 400, 30, True, 4, 2, False),  # cross-attention through the copy-free interior path
+    (400, 400, 30, False, 4, 1, False),
 ]
+
+
+def test_non_contiguous_inputs():
+    # (B, N, H, D) projections viewed as (B, H, N, D): the copy-free path reads them by stride.
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 300, 4, 16, generator=g).transpose(1, 2)
+    k = torch.randn(2, 300, 2, 16, generator=g).transpose(1, 2)
+    v = torch.randn(2, 300, 2, 8, generator=g).transpose(1, 2)
+    out = sla.attention(q, k, v, "sliding_window", window=40, causal=True)
+    ref, _ = reference(q, k, v, window_mask(300, 300, 40, True))
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["torch", "math"])

@@ -107,6 +107,27 @@ def _tile_group(q, k, v, kpm, band, t0, g, *, T, wl, wr, offset, scale):
     return out.transpose(1, 2).reshape(B, H, g * T, Dv)
 
 
+def _interior_group_into(out, q, k, v, band, t0, g, *, T, wl, offset, scale):
+    """No-grad fast path for tiles whose spans lie inside the sequence: no copies at all.
+
+    Tile spans overlap, so they are an ``as_strided`` view of ``k``/``v`` (tiles as the batch
+    dim, stride ``T`` rows), which the SDPA kernel reads in place; output goes straight to ``out``.
+    """
+    B, H = q.shape[:2]
+    Hkv, D, Dv = k.shape[1], k.shape[3], v.shape[3]
+    L = band.shape[1]
+    start = t0 * T + offset - wl
+    for b in range(B):
+        kb, vb = k[b], v[b]
+        ks = kb.as_strided((g, Hkv, L, D), (T * kb.stride(1), kb.stride(0), kb.stride(1), kb.stride(2)),
+                           kb.storage_offset() + start * kb.stride(1))
+        vs = vb.as_strided((g, Hkv, L, Dv), (T * vb.stride(1), vb.stride(0), vb.stride(1), vb.stride(2)),
+                           vb.storage_offset() + start * vb.stride(1))
+        qs = q[b, :, t0 * T:(t0 + g) * T].unflatten(1, (g, T)).transpose(0, 1)  # (g, H, T, D) view
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=band, scale=scale, enable_gqa=H != Hkv)
+        out[b, :, t0 * T:(t0 + g) * T].unflatten(1, (g, T)).copy_(o.transpose(0, 1))
+
+
 def sliding_window_torch(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window, tile=None):
     """Tiled exact sliding-window attention (see the module docstring for cost and memory)."""
     if return_weights:
@@ -146,6 +167,9 @@ def sliding_window_torch(q, k, v, *, causal, key_padding_mask, scale, return_wei
         return torch.cat(pieces, dim=2)[:, :, :nq], None
     out = q.new_empty(B, H, nq, Dv)
     for t0, g in groups:
+        if key_padding_mask is None and first <= t0 and t0 + g <= last:
+            _interior_group_into(out, q, k, v, band, t0, g, T=T, wl=wl, offset=offset, scale=scale)
+            continue
         piece = _tile_group(q, k, v, key_padding_mask, band, t0, g, **kw)
         stop = min(nq, (t0 + g) * T)
         out[:, :, t0 * T:stop] = piece[:, :, : stop - t0 * T]
