@@ -292,10 +292,13 @@ def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weigh
     ragged = nk % bs != 0
     # A query can end up seeing nothing only with padding or a causal offset off the grid.
     fix_empty = kpm is not None or (causal and (off % bs != 0 or nq > nk))
-    out = q.new_zeros(B * H * nqb, bs * Dv)  # rows that see no block stay zero
-    done, pieces = [], []
     n_rows = len(counts_sorted)
     start = next((r for r, n in enumerate(counts_sorted) if n > 0), n_rows)
+    done, pieces = [], []
+    if grad or start > 0:
+        out = q.new_zeros(B * H * nqb, bs * Dv)  # rows that see no block stay zero
+    else:
+        out = q.new_empty(B * H * nqb, bs * Dv)  # every row is written below
     while start < n_rows:
         # Rows are sorted by (width, kind): grow the group within the budget and, where a
         # shared constant mask can serve, within one width and kind.
