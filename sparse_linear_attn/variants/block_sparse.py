@@ -48,6 +48,8 @@ from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least
 
 #: Elements of the gathered key (and value) tiles built at once; bounds working memory.
 GROUP_ELEMENTS = 1 << 23
+#: Rows of one width needed to give them a group of their own with a shared constant mask.
+MIN_UNIFORM_ROWS = 8
 
 PATTERNS = ("bigbird", "fixed", "local", "longformer", "strided")
 
@@ -303,7 +305,12 @@ def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weigh
         # Rows are sorted by (width, kind): grow the group within the budget and, where a
         # shared constant mask can serve, within one width and kind.
         c0, s0 = counts_sorted[start], simple_sorted[start]
-        uniform = kpm is None and (not ragged or (causal and nq == nk)) and (s0 or not causal)
+        run = start + 1
+        while run < n_rows and run - start < MIN_UNIFORM_ROWS and (counts_sorted[run], simple_sorted[run]) == (c0, s0):
+            run += 1
+        # Short runs are merged into a general group: fewer, larger ops beat a constant mask.
+        uniform = (kpm is None and (not ragged or (causal and nq == nk)) and (s0 or not causal)
+                   and run - start >= min(MIN_UNIFORM_ROWS, n_rows - start))
         stop = start + 1
         while (stop < n_rows and (stop + 1 - start) * counts_sorted[stop] * per_block <= GROUP_ELEMENTS
                and (not uniform or (counts_sorted[stop] == c0 and simple_sorted[stop] == s0))):
