@@ -210,3 +210,19 @@ def test_unknown_parameter_suggests_window():
     q, k, v = rand(1, 1, 1, 8, 8)
     with pytest.raises(ValueError, match="did you mean 'window'"):
         sla.attention(q, k, v, "sliding_window", windw=3)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("nq,nk,H,Hkv", [(1000, 1000, 8, 2), (300, 1000, 4, 4), (1000, 300, 4, 1)])
+def test_xformers_and_flex_match_torch_path_on_cuda(causal, nq, nk, H, Hkv):
+    import importlib.util
+
+    q, k, v = (t.cuda() for t in rand(2, H, Hkv, nq, nk, D=64, Dv=64, dtype=torch.bfloat16))
+    ref, _ = reference(q.cpu(), k.cpu(), v.cpu(), window_mask(nq, nk, 100, causal))
+    backends = ["torch", "flex"] + (["xformers"] if importlib.util.find_spec("xformers") else [])
+    for backend in backends:
+        out = sla.attention(q, k, v, "sliding_window", window=100, causal=causal, backend=backend)
+        assert torch.isfinite(out).all(), backend
+        assert float(sla.relative_error(out.cpu(), ref)) < 2e-2, backend
