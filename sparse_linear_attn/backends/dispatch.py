@@ -90,6 +90,11 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     # fallback there, math the path that returns weights.
     "full": ("torch", "xformers", "math"),
     "dot_product": ("torch", "xformers", "math"),
+    # xformers' local-attention kernel on CUDA (no key padding); Flex on CUDA from 1K tokens;
+    # the tiled SDPA path everywhere else (measured faster than compiled Flex on CPU).
+    "sliding_window": ("xformers", "flex", "torch", "math"),
+    # Issue 3: on CUDA auto prefers Flex; the tile-gather path runs everywhere.
+    "block_sparse": ("flex", "torch", "math"),
 }
 
 

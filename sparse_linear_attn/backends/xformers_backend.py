@@ -11,6 +11,8 @@ import logging
 import warnings
 from functools import lru_cache
 
+import torch
+
 
 @lru_cache(maxsize=1)
 def xops():
@@ -56,4 +58,38 @@ def full_xformers(q, k, v, *, causal, key_padding_mask, scale, return_weights=Fa
         # Bottom-right alignment leaves the first Nq - Nk queries with no key: zeros, not NaN.
         out = out.clone()
         out[:, :, : q.shape[2] - k.shape[2]] = 0
+    return out, None
+
+
+def sliding_window_xformers(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window):
+    """``sliding_window`` through xformers' local-attention bias (CUDA, fp16/bf16).
+
+    ``LocalAttentionFromBottomRightMask(window_left, window_right)`` lets query ``i`` see key
+    ``j`` iff ``i − window_left ≤ j + (Nq − Nk) ≤ i + window_right``: exactly our bottom-right
+    aligned window with ``window_left = window`` and ``window_right = window`` (``0`` when
+    causal). Queries whose window holds no key get zeros, as everywhere in this library.
+    """
+    ops = xops()
+    H, Hkv = q.shape[1], k.shape[1]
+    nq, nk = q.shape[2], k.shape[2]
+    right = 0 if causal else window
+    qx, kx, vx = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if H != Hkv:
+        B, D = qx.shape[0], qx.shape[-1]
+        qx = qx.reshape(B, nq, Hkv, H // Hkv, D)
+        kx = kx[:, :, :, None].expand(B, nk, Hkv, H // Hkv, D)
+        vx = vx[:, :, :, None].expand(B, nk, Hkv, H // Hkv, vx.shape[-1])
+    bias = ops.fmha.attn_bias.LocalAttentionFromBottomRightMask(window_left=window, window_right=right)
+    out = ops.memory_efficient_attention(qx, kx, vx, attn_bias=bias, scale=scale)
+    if H != Hkv:
+        out = out.reshape(out.shape[0], nq, H, out.shape[-1])
+    out = out.transpose(1, 2)
+    # Query i sees keys [i + off − window, i + off + right] ∩ [0, Nk); empty only at the ends.
+    off = nk - nq
+    first = max(0, min(nq, -(off + right)))          # queries before this see no key
+    last = max(first, min(nq, nk - off + window))    # queries from here on see no key
+    if first > 0 or last < nq:
+        keep = torch.zeros(nq, 1, dtype=torch.bool, device=out.device)
+        keep[first:last] = True
+        out = torch.where(keep, out, 0.0)  # where, not a product: those rows may hold NaN
     return out, None

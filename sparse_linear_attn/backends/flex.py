@@ -1,0 +1,105 @@
+"""``torch.nn.attention.flex_attention``, compiled, for the exact sparse variants.
+
+FlexAttention skips whole ``(block, block)`` tiles that a ``BlockMask`` marks empty and runs a
+``mask_mod`` element by element only on the partial tiles, so its cost follows the pattern.
+Two things are cached so that repeated calls neither rebuild nor recompile:
+
+* one compiled ``flex_attention`` per process (``torch.compile`` then caches a graph per input
+  shape/dtype and mask function itself);
+* the ``BlockMask`` per (variant, parameters, lengths, causal, device), built straight from a
+  block layout (never from an ``Nq×Nk`` mask). A call with a ``key_padding_mask`` depends on
+  that tensor's values, so its mask is built for the call and not cached.
+
+On CPU, FlexAttention compiles for inference only (no backward): the dispatch table
+(``BACKENDS["flex"]``) rules it out when inputs require grad, and ``backend="auto"`` then uses
+the pure-PyTorch path.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+
+import torch
+
+#: BlockMasks kept (least recently used dropped first).
+MAX_CACHED_MASKS = 32
+
+_COMPILED: Callable | None = None
+_MASKS: OrderedDict[Hashable, object] = OrderedDict()
+
+
+def compiled_flex() -> Callable:
+    """The process-wide ``torch.compile(flex_attention)``, created on first use."""
+    global _COMPILED
+    if _COMPILED is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _COMPILED = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED
+
+
+def clear_cache() -> None:
+    """Forget cached BlockMasks (the compiled function stays)."""
+    _MASKS.clear()
+
+
+def cached_block_mask(key: Hashable | None, build: Callable[[], object]):
+    """``build()`` once per ``key`` (``None``: never cached)."""
+    if key is None:
+        return build()
+    if key in _MASKS:
+        _MASKS.move_to_end(key)
+        return _MASKS[key]
+    mask = build()
+    _MASKS[key] = mask
+    while len(_MASKS) > MAX_CACHED_MASKS:
+        _MASKS.popitem(last=False)
+    return mask
+
+
+def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Count and indices of the True entries of each row, True ones first, in column order.
+    num = blocks.sum(-1, dtype=torch.int32)
+    idx = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return num.contiguous(), idx.contiguous()
+
+
+def block_mask_from_layout(
+    any_visible: torch.Tensor,
+    all_visible: torch.Tensor | None,
+    mask_mod: Callable,
+    nq: int,
+    nk: int,
+    block_size: int,
+):
+    """A ``BlockMask`` from block layouts, without evaluating ``mask_mod`` on every entry.
+
+    ``any_visible`` bool ``(B|1, H|1, nq_blocks, nk_blocks)``: tiles with at least one visible
+    entry. ``all_visible`` (same shape, or None): tiles every entry of which is visible — Flex
+    skips ``mask_mod`` there. ``mask_mod(b, h, q_idx, kv_idx)`` is exact on the partial tiles.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if all_visible is None:
+        all_visible = torch.zeros_like(any_visible)
+    partial = any_visible & ~all_visible
+    num, idx = _ordered(partial)
+    full_num, full_idx = _ordered(all_visible)
+    return BlockMask.from_kv_blocks(
+        num, idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(nq, nk)
+    )
+
+
+def flex_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_mask, scale: float) -> torch.Tensor:
+    """Compiled FlexAttention; rows that see no key come back as zeros (Flex's own convention)."""
+    return compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def flex_prefer_cuda(call, params) -> str | None:
+    """``auto`` uses Flex on CUDA only: on CPU the tiled PyTorch path was measured faster."""
+    if call.device != "cuda":
+        return "auto prefers the tiled torch path on CPU (measured faster; see docs/sparse.md)"
+    if max(call.nq, call.nk) < 1024:
+        return "sequence too short for a compile to pay off (auto uses it from 1024 tokens)"
+    return None
