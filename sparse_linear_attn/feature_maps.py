@@ -39,7 +39,9 @@ class FeatureContext:
 
     scale: float
     projection: torch.Tensor | None = None  # FAVOR+: W (M, D) in the work dtype
-    key_shift: torch.Tensor | None = None  # FAVOR+: (B, Hkv, 1, 1), one max over all keys
+    # FAVOR+: one max over all keys of each head, (B, Hkv, 1, 1); a caller that lays keys out
+    # differently reshapes it to broadcast against its key rows.
+    key_shift: torch.Tensor | None = None
 
 
 class FeatureMap:
@@ -77,7 +79,8 @@ class EluMap(FeatureMap):
     doc = "elu(x) + 1 on the unscaled x (Katharopoulos et al. 2020); M = D"
 
     def __call__(self, x, ctx, *, is_query):
-        return F.elu(x) + 1.0
+        # In place on elu's fresh output (its backward keeps the input, not the output).
+        return F.elu(x).add_(1.0)
 
 
 class ReluMap(FeatureMap):
@@ -164,11 +167,7 @@ class FavorMap(FeatureMap):
             # Per-query shift: it scales a query's numerator and denominator alike.
             logits = logits - logits.amax(dim=-1, keepdim=True).detach()
         else:
-            shift = ctx.key_shift
-            # Keys may arrive grouped with extra dims (B, Hkv, ..., N, D): broadcast the shift.
-            while shift.dim() < logits.dim():
-                shift = shift.unsqueeze(-1)
-            logits = logits - shift
+            logits = logits - ctx.key_shift
         return torch.exp(logits) * (1.0 / math.sqrt(w.shape[0]))
 
 

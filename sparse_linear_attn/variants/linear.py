@@ -31,6 +31,8 @@ output is returned in the input dtype.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -39,7 +41,7 @@ from ..inputs import full_visibility, repeat_kv
 from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least
 
 #: Floats of per-group workspace (features, scores, per-chunk states) the causal path aims at.
-GROUP_ELEMENTS = 1 << 23
+GROUP_ELEMENTS = 1 << 22
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -162,6 +164,13 @@ def linear_chunked(
     N = Nq - lead  # queries that see something; also the keys left after the prefix
     k0 = max(0, off)
     C = chunk_size
+    if not grad:
+        out = q.new_empty(B, H, Nq, Dv)
+        if lead:
+            out[:, :, :lead] = 0
+        _causal_inference(feats, qg[:, :, :, lead:], k[:, :, k0:], v[:, :, k0:], state,
+                          out.view(B, Hkv, G, Nq, Dv)[:, :, :, lead:], C, k0)
+        return out, None
     per_position = B * Hkv * (G * (2 * D + M + C + 3 * (Dv + 1)) + D + M + 2 * (Dv + 1) + M * (Dv + 1) // C + 1)
     L = _group_length(per_position, C)
     tri = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
@@ -199,6 +208,77 @@ def linear_chunked(
         pieces.append(o[:, :, :, : e - s].to(q.dtype))
     out = torch.cat(pieces, dim=3) if len(pieces) > 1 else pieces[0]
     return out.reshape(B, H, Nq, Dv), None
+
+
+def _chunk_major(x: torch.Tensor, n: int, C: int) -> torch.Tensor:
+    """``(BH, [G,] l, d)`` -> contiguous ``(n, BH, [G,] C, d)``, zero-padding ``l`` up to ``n·C``."""
+    l = x.shape[-2]
+    if l < n * C:
+        x = F.pad(x, (0, 0, 0, n * C - l))
+    x = x.reshape(*x.shape[:-2], n, C, x.shape[-1])
+    return x.movedim(-3, 0).contiguous()
+
+
+def _causal_inference(feats: _Features, qg, k, v, state, out, C: int, k0: int) -> None:
+    """The causal chunkwise form without autograd, writing into ``out`` (B, Hkv, G, N, Dv).
+
+    Same algorithm as the autograd path in :func:`linear_chunked`, laid out chunk-major
+    ``(n, B·Hkv, C, ·)`` so that the exclusive prefix sum of the per-chunk states is one
+    in-place cumsum over a buffer whose row 0 holds the running state, and the intra-chunk
+    product accumulates into the inter-chunk one in place (no concatenations, few passes).
+    ``k0`` is where these keys start in the caller's key-padding mask.
+    """
+    B, Hkv, G, N, D = qg.shape
+    Dv = v.shape[-1]
+    BH = B * Hkv
+    work = feats.work
+    M = state.shape[-2]
+    per_position = BH * (G * (D + M + C + 2 * (Dv + 1)) + D + M + 2 * (Dv + 1) + M * (Dv + 1) // C + 1)
+    L = _group_length(per_position, C)
+    tri = torch.ones(C, C, dtype=torch.bool, device=qg.device).tril().repeat(G, 1).to(work)
+    qf = qg.reshape(BH, G, N, D)
+    kf = k.reshape(BH, N, D)
+    vf = v.reshape(BH, N, Dv)
+    keep = feats.keep
+    fmap, ctx = feats.fmap, feats.ctx
+    if ctx.key_shift is not None:  # keys are laid out (n, B·Hkv, C, D) here
+        ctx = replace(ctx, key_shift=ctx.key_shift.reshape(1, BH, 1, 1))
+    state = state.reshape(BH, M, Dv + 1)
+    for s in range(0, N, L):
+        e = min(N, s + L)
+        l = e - s
+        n = -(-l // C)
+        xk = _chunk_major(kf[:, s:e].to(work), n, C)  # (n, BH, C, D)
+        fk = fmap(xk, ctx, is_query=False)
+        if keep is not None:
+            kp = _chunk_major(keep[:, 0, k0 + s:k0 + e].to(work), n, C)  # (n, B, C, 1)
+            fk.view(n, B, Hkv, C, M).mul_(kp[:, :, None])
+        if l < n * C:
+            fk[-1, :, l - (n - 1) * C:] = 0  # padding positions must add nothing
+        vv = torch.empty(n, BH, C, Dv + 1, dtype=work, device=qg.device)
+        if l == n * C:
+            vv[..., :Dv] = vf[:, s:e].reshape(BH, n, C, Dv).transpose(0, 1)  # one strided copy
+        else:
+            vv[..., :Dv] = _chunk_major(vf[:, s:e], n, C)
+        vv[..., Dv] = 1.0
+        fq = fmap(_chunk_major(qf[:, :, s:e].to(work), n, C), ctx, is_query=True)
+        fq = fq.view(n, BH, G * C, M)
+        states = torch.empty(n + 1, BH, M, Dv + 1, dtype=work, device=qg.device)
+        states[0] = state
+        torch.matmul(fk.transpose(-1, -2), vv, out=states[1:])
+        states.cumsum_(0)  # states[c] = state before chunk c
+        state = states[n]
+        num = torch.matmul(fq, states[:n])  # (n, BH, G·C, Dv+1)
+        scores = torch.matmul(fq, fk.transpose(-1, -2)).mul_(tri)
+        num.view(n * BH, G * C, Dv + 1).baddbmm_(scores.view(n * BH, G * C, C), vv.view(n * BH, C, Dv + 1))
+        den = num[..., Dv:]
+        o = num[..., :Dv].div_(torch.where(den > 0, den, torch.ones_like(den)))
+        o = o.view(n, B, Hkv, G, C, Dv).permute(1, 2, 3, 0, 4, 5)  # (B, Hkv, G, n, C, Dv)
+        target = out[:, :, :, s:e]
+        if l == n * C:
+            target.view(B, Hkv, G, n, C, Dv).copy_(o)
+        else:
+            target.copy_(o.reshape(B, Hkv, G, n * C, Dv)[:, :, :, :l])
 
 
 # ---------------------------------------------------------------------------------------------
