@@ -118,14 +118,12 @@ def orthogonal_gaussian_projection(head_dim: int, num_features: int, seed: int) 
 @lru_cache(maxsize=32)
 def _projection_cached(head_dim: int, num_features: int, seed: int) -> torch.Tensor:
     g = torch.Generator(device="cpu").manual_seed(seed)
-    blocks = []
-    for _ in range(-(-num_features // head_dim)):
-        gauss = torch.randn(head_dim, head_dim, generator=g, dtype=torch.float64)
-        qmat, r = torch.linalg.qr(gauss)
-        # Sign fix makes the draw the Haar measure rather than QR's convention.
-        qmat = qmat * torch.sign(torch.diagonal(r))[None, :]
-        blocks.append(qmat.T)
-    directions = torch.cat(blocks, dim=0)[:num_features]
+    blocks = -(-num_features // head_dim)
+    gauss = torch.randn(blocks, head_dim, head_dim, generator=g, dtype=torch.float64)
+    qmat, r = torch.linalg.qr(gauss)
+    # The sign fix makes each block Haar-distributed rather than following QR's convention.
+    qmat = qmat * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]
+    directions = qmat.transpose(-1, -2).reshape(blocks * head_dim, head_dim)[:num_features]
     norms = torch.randn(num_features, head_dim, generator=g, dtype=torch.float64).norm(dim=1)
     return directions * norms[:, None]
 

@@ -90,6 +90,9 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     # fallback there, math the path that returns weights.
     "full": ("torch", "xformers", "math"),
     "dot_product": ("torch", "xformers", "math"),
+    # Chunkwise / sums-once first; the quadratic math form only when weights are asked for.
+    "linear": ("torch", "math"),
+    "performer": ("torch", "math"),
 }
 
 
