@@ -244,6 +244,13 @@ def _causal_inference(feats: _Features, qg, k, v, state, out, C: int, k0: int) -
     if ctx.key_shift is not None:  # keys are laid out (n, B·Hkv, C, D) here
         ctx = replace(ctx, key_shift=ctx.key_shift.reshape(1, BH, 1, 1))
     state = state.reshape(BH, M, Dv + 1)
+    n_max = -(-min(L, N) // C)
+    # Buffers reused by every group: V's all-ones column is written once; zeros (not empty)
+    # so that padding rows of a last, partial group hold finite values.
+    vv_buf = torch.zeros(n_max, BH, C, Dv + 1, dtype=work, device=qg.device)
+    vv_buf[..., Dv] = 1.0
+    states_buf = torch.empty(n_max + 1, BH, M, Dv + 1, dtype=work, device=qg.device)
+    tiny = torch.finfo(work).tiny
     for s in range(0, N, L):
         e = min(N, s + L)
         l = e - s
@@ -255,15 +262,14 @@ def _causal_inference(feats: _Features, qg, k, v, state, out, C: int, k0: int) -
             fk.view(n, B, Hkv, C, M).mul_(kp[:, :, None])
         if l < n * C:
             fk[-1, :, l - (n - 1) * C:] = 0  # padding positions must add nothing
-        vv = torch.empty(n, BH, C, Dv + 1, dtype=work, device=qg.device)
+        vv = vv_buf[:n]
         if l == n * C:
             vv[..., :Dv] = vf[:, s:e].reshape(BH, n, C, Dv).transpose(0, 1)  # one strided copy
         else:
             vv[..., :Dv] = _chunk_major(vf[:, s:e], n, C)
-        vv[..., Dv] = 1.0
         fq = fmap(_chunk_major(qf[:, :, s:e].to(work), n, C), ctx, is_query=True)
         fq = fq.view(n, BH, G * C, M)
-        states = torch.empty(n + 1, BH, M, Dv + 1, dtype=work, device=qg.device)
+        states = states_buf[: n + 1]
         states[0] = state
         torch.matmul(fk.transpose(-1, -2), vv, out=states[1:])
         states.cumsum_(0)  # states[c] = state before chunk c
@@ -271,14 +277,17 @@ def _causal_inference(feats: _Features, qg, k, v, state, out, C: int, k0: int) -
         num = torch.matmul(fq, states[:n])  # (n, BH, G·C, Dv+1)
         scores = torch.matmul(fq, fk.transpose(-1, -2)).mul_(tri)
         num.view(n * BH, G * C, Dv + 1).baddbmm_(scores.view(n * BH, G * C, C), vv.view(n * BH, C, Dv + 1))
-        den = num[..., Dv:]
-        o = num[..., :Dv].div_(torch.where(den > 0, den, torch.ones_like(den)))
-        o = o.view(n, B, Hkv, G, C, Dv).permute(1, 2, 3, 0, 4, 5)  # (B, Hkv, G, n, C, Dv)
+        # A zero normaliser comes with a zero numerator (non-negative features): 0 / tiny = 0.
+        den = num[..., Dv:].clamp_min_(tiny)
+        quotient = (num[..., :Dv].view(n, B, Hkv, G, C, Dv), den.view(n, B, Hkv, G, C, 1))
         target = out[:, :, :, s:e]
         if l == n * C:
-            target.view(B, Hkv, G, n, C, Dv).copy_(o)
+            # Divide straight into the output, whose layout (B, Hkv, G, n, C, Dv) this permutes to.
+            torch.div(*quotient, out=target.view(B, Hkv, G, n, C, Dv).permute(3, 0, 1, 2, 4, 5))
         else:
-            target.copy_(o.reshape(B, Hkv, G, n * C, Dv)[:, :, :, :l])
+            o = torch.div(*quotient).permute(1, 2, 3, 0, 4, 5).reshape(B, Hkv, G, n * C, Dv)
+            target.copy_(o[:, :, :, :l])
+    # `state` is a view into states_buf; nothing reads it after the loop.
 
 
 # ---------------------------------------------------------------------------------------------
