@@ -260,7 +260,7 @@ def test_taylor_beats_elu_on_small_logits():
 
 
 def test_user_feature_map_registry():
-    @fm.register_feature_map("test_softplus")
+    @sla.register_feature_map("test_softplus")
     def softplus(x, scale):
         return torch.nn.functional.softplus(x * scale)
 
