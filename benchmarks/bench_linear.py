@@ -7,8 +7,9 @@ Targets (issue 4, B=1, H=8, D=64, float32, causal): ``linear`` (elu) at least 30
 ``F.scaled_dot_product_attention(is_causal=True)`` at N=16384; at N=65536 the extra peak
 memory of one ``linear`` call at most 4× the size of its output.
 
-Timings are the best of a few runs, all in one process so the ratios share the machine's
-load. Memory is measured in a fresh subprocess that only builds the inputs and runs the one
+Timings: every configuration runs in interleaved rounds within one process (so load from
+elsewhere hits all of them), and the best and median times are printed; the ratio uses the
+best of each. ``/proc/pressure/cpu`` (avg10) is printed before and after as a load gauge. Memory is measured in a fresh subprocess that only builds the inputs and runs the one
 call: a thread samples the resident set size (``/proc/self/statm``) every 0.5 ms, and the
 figure reported is ``peak − RSS before the call`` (inputs already allocated). glibc may keep
 freed blocks, so this overstates rather than understates the extra memory.
@@ -63,14 +64,13 @@ class PeakRSS:
         return self.peak - self.base
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up (thread pools, first-touch of buffers)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def psi() -> str:
+    """Linux CPU pressure (share of time some task waited for a CPU): load from elsewhere."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return f.readline().split()[1]
+    except OSError:
+        return "n/a"
 
 
 def inputs(n: int, heads: int, dim: int):
@@ -101,8 +101,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mem-n", type=int, default=65536, help="sequence length of the memory measurement")
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--quick", action="store_true", help="N=4096 timings, N=16384 memory")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--_memory-child", dest="child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -111,30 +112,44 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.n, args.mem_n = 4096, 16384
+    if args.threads:
+        torch.set_num_threads(args.threads)
     n, h, d = args.n, args.heads, args.dim
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"B=1 H={h} N={n} D={d} float32 causal, best of {args.repeats}")
+    print(f"B=1 H={h} N={n} D={d} float32, {args.repeats} interleaved rounds; CPU pressure {psi()}")
     q, k, v = inputs(n, h, d)
-    rows = []
+    configs = [
+        ("sdpa causal (exact)", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), 1),
+        ("linear elu, chunk 64", lambda: sla.attention(q, k, v, "linear", causal=True), 3),
+        ("linear relu", lambda: sla.attention(q, k, v, "linear", causal=True, feature_map="relu"), 3),
+        ("performer favor M=64",
+         lambda: sla.attention(q, k, v, "linear", causal=True, feature_map="favor", num_features=64), 2),
+        ("performer favor M=256",
+         lambda: sla.attention(q, k, v, "linear", causal=True, feature_map="favor", num_features=256), 1),
+        ("linear elu non-causal", lambda: sla.attention(q, k, v, "linear", causal=False), 3),
+    ]
+    times: dict[str, list[float]] = {label: [] for label, _, _ in configs}
     with torch.no_grad():
-        t_sdpa = best_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), max(1, args.repeats - 1))
-        rows.append(("sdpa causal (exact)", t_sdpa))
-        for label, kw in (
-            ("linear elu, chunk 64", {}),
-            ("linear relu", {"feature_map": "relu"}),
-            ("performer favor M=64", {"feature_map": "favor", "num_features": 64}),
-            ("performer favor M=256", {"feature_map": "favor", "num_features": 256}),
-        ):
-            rows.append((label, best_time(lambda: sla.attention(q, k, v, "linear", causal=True, **kw), args.repeats)))
-        rows.append(("linear elu non-causal",
-                     best_time(lambda: sla.attention(q, k, v, "linear", causal=False), args.repeats)))
-    print(f"{'':26} {'ms':>9} {'SDPA / this':>12}")
-    for label, t in rows:
-        print(f"{label:26} {t * 1e3:9.1f} {t_sdpa / t:11.1f}x")
+        for _, fn, _ in configs:
+            fn()  # warm-up (thread pools, first touch of buffers)
+        # Rounds interleave every configuration so that a burst of load from elsewhere on a
+        # shared machine hits all of them, not one; short calls run a few times per round.
+        for _ in range(args.repeats):
+            for label, fn, per_round in configs:
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    fn()
+                    times[label].append(time.perf_counter() - t0)
+    t_sdpa = min(times["sdpa causal (exact)"])
+    rows = [(label, min(ts), sorted(ts)[len(ts) // 2]) for label, ts in times.items()]
+    print(f"{'':26} {'best ms':>9} {'median ms':>10} {'SDPA / this (best)':>19}")
+    for label, t, med in rows:
+        print(f"{label:26} {t * 1e3:9.1f} {med * 1e3:10.1f} {t_sdpa / t:18.1f}x")
     elu_ratio = t_sdpa / rows[1][1]
     print(f"TARGET linear(elu) causal >= 30x faster than SDPA causal at N={n}: {elu_ratio:.1f}x "
           f"-> {'MET' if elu_ratio >= 30 else 'NOT MET'}")
+    print(f"CPU pressure after timings: {psi()}")
     mem = measure_memory(args.mem_n, h, d, {})
     print(f"memory N={args.mem_n}: extra peak RSS {mem['extra_peak_bytes'] / 2**20:.0f} MiB, output "
           f"{mem['output_bytes'] / 2**20:.0f} MiB, ratio {mem['ratio']:.2f} "

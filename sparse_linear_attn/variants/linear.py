@@ -48,9 +48,9 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _setup(q, k, *, scale, key_padding_mask, feature_map, num_features, seed, redraw):
+def _setup(q, k, v, *, scale, key_padding_mask, feature_map, num_features, seed, redraw):
     fmap = get_feature_map(feature_map)
-    if redraw and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k)):
+    if redraw and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         # Training with redraw: a fresh projection each call, from torch's global generator so
         # that torch.manual_seed still makes a run reproducible.
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
@@ -76,7 +76,7 @@ def linear_reference(
     feature_map="elu", num_features=256, seed=0, chunk_size=64, redraw=False,
 ):
     """``A = mask ⊙ φ(Q)φ(K)ᵀ``, ``W = A / rowsum(A)``, ``out = W V``. O(Nq·Nk) memory."""
-    fmap, ctx = _setup(q, k, scale=scale, key_padding_mask=key_padding_mask, feature_map=feature_map,
+    fmap, ctx = _setup(q, k, v, scale=scale, key_padding_mask=key_padding_mask, feature_map=feature_map,
                        num_features=num_features, seed=seed, redraw=redraw)
     work = _work_dtype(q.dtype)
     H = q.shape[1]
@@ -126,7 +126,7 @@ def linear_chunked(
     feature_map="elu", num_features=256, seed=0, chunk_size=64, redraw=False,
 ):
     """The ``torch`` backend: O(N·M·Dv) non-causal, chunkwise O(N·(C·M + M·Dv)) causal."""
-    fmap, ctx = _setup(q, k, scale=scale, key_padding_mask=key_padding_mask, feature_map=feature_map,
+    fmap, ctx = _setup(q, k, v, scale=scale, key_padding_mask=key_padding_mask, feature_map=feature_map,
                        num_features=num_features, seed=seed, redraw=redraw)
     work = _work_dtype(q.dtype)
     feats = _Features(fmap, ctx, key_padding_mask, work)
@@ -140,7 +140,7 @@ def linear_chunked(
     state = torch.zeros(B, Hkv, M, Dv + 1, dtype=work, device=q.device)
 
     if not causal:
-        step = _group_length(B * Hkv * (2 * D + M + 2 * Dv + 2), 1)
+        step = _group_length(B * Hkv * (G * (D + M + 2 * Dv + 2) + D + M + Dv + 1), 1)
         for s in range(0, Nk, step):
             e = min(Nk, s + step)
             state = state + feats.keys(k, s, e).transpose(-1, -2) @ _with_ones(v[:, :, s:e], work)
