@@ -73,6 +73,15 @@ class FeatureMap:
     def __call__(self, x: torch.Tensor, ctx: FeatureContext, *, is_query: bool) -> torch.Tensor:
         raise NotImplementedError
 
+    def apply_(self, x: torch.Tensor, ctx: FeatureContext, *, is_query: bool) -> torch.Tensor:
+        """Like ``__call__`` but free to overwrite ``x`` (a scratch buffer the caller owns).
+
+        Only used without autograd. Maps with ``M == D`` override it to work in place: on some
+        machines (VMs especially) fresh memory costs a page fault per page, and the causal
+        path maps many chunks.
+        """
+        return self(x, ctx, is_query=is_query)
+
 
 class EluMap(FeatureMap):
     name = "elu"
@@ -82,6 +91,9 @@ class EluMap(FeatureMap):
         # In place on elu's fresh output (its backward keeps the input, not the output).
         return F.elu(x).add_(1.0)
 
+    def apply_(self, x, ctx, *, is_query):
+        return F.elu_(x).add_(1.0)
+
 
 class ReluMap(FeatureMap):
     name = "relu"
@@ -89,6 +101,9 @@ class ReluMap(FeatureMap):
 
     def __call__(self, x, ctx, *, is_query):
         return F.relu(x)
+
+    def apply_(self, x, ctx, *, is_query):
+        return x.clamp_min_(0.0)
 
 
 class TaylorMap(FeatureMap):

@@ -245,43 +245,52 @@ def _causal_inference(feats: _Features, qg, k, v, state, out, C: int, k0: int) -
         ctx = replace(ctx, key_shift=ctx.key_shift.reshape(1, BH, 1, 1))
     state = state.reshape(BH, M, Dv + 1)
     n_max = -(-min(L, N) // C)
-    # Buffers reused by every group: V's all-ones column is written once; zeros (not empty)
-    # so that padding rows of a last, partial group hold finite values.
-    vv_buf = torch.zeros(n_max, BH, C, Dv + 1, dtype=work, device=qg.device)
+    # Every group reuses these buffers: fresh memory costs a page fault per page (dearly in
+    # VMs), and V's all-ones column is then written only once. Zeros, not empty, so that the
+    # padding rows of a last, partial group hold finite values.
+    dev = qg.device
+    vv_buf = torch.zeros(n_max, BH, C, Dv + 1, dtype=work, device=dev)
     vv_buf[..., Dv] = 1.0
-    states_buf = torch.empty(n_max + 1, BH, M, Dv + 1, dtype=work, device=qg.device)
+    states_buf = torch.empty(n_max + 1, BH, M, Dv + 1, dtype=work, device=dev)
+    xk_buf = torch.zeros(n_max, BH, C, D, dtype=work, device=dev)
+    xq_buf = torch.zeros(n_max, BH, G, C, D, dtype=work, device=dev)
+    num_buf = torch.empty(n_max, BH, G * C, Dv + 1, dtype=work, device=dev)
+    scores_buf = torch.empty(n_max, BH, G * C, C, dtype=work, device=dev)
     tiny = torch.finfo(work).tiny
     for s in range(0, N, L):
         e = min(N, s + L)
         l = e - s
         n = -(-l // C)
-        xk = _chunk_major(kf[:, s:e].to(work), n, C)  # (n, BH, C, D)
-        fk = fmap(xk, ctx, is_query=False)
+        full = l == n * C
+        xk, xq, vv = xk_buf[:n], xq_buf[:n], vv_buf[:n]
+        if full:  # one strided copy each into the chunk-major scratch buffers
+            xk.copy_(kf[:, s:e].reshape(BH, n, C, D).transpose(0, 1))
+            xq.copy_(qf[:, :, s:e].reshape(BH, G, n, C, D).permute(2, 0, 1, 3, 4))
+            vv[..., :Dv] = vf[:, s:e].reshape(BH, n, C, Dv).transpose(0, 1)
+        else:
+            xk.copy_(_chunk_major(kf[:, s:e], n, C))
+            xq.copy_(_chunk_major(qf[:, :, s:e], n, C))
+            vv[..., :Dv] = _chunk_major(vf[:, s:e], n, C)
+        fk = fmap.apply_(xk, ctx, is_query=False)  # (n, BH, C, M)
         if keep is not None:
             kp = _chunk_major(keep[:, 0, k0 + s:k0 + e].to(work), n, C)  # (n, B, C, 1)
             fk.view(n, B, Hkv, C, M).mul_(kp[:, :, None])
-        if l < n * C:
+        if not full:
             fk[-1, :, l - (n - 1) * C:] = 0  # padding positions must add nothing
-        vv = vv_buf[:n]
-        if l == n * C:
-            vv[..., :Dv] = vf[:, s:e].reshape(BH, n, C, Dv).transpose(0, 1)  # one strided copy
-        else:
-            vv[..., :Dv] = _chunk_major(vf[:, s:e], n, C)
-        fq = fmap(_chunk_major(qf[:, :, s:e].to(work), n, C), ctx, is_query=True)
-        fq = fq.view(n, BH, G * C, M)
+        fq = fmap.apply_(xq, ctx, is_query=True).view(n, BH, G * C, M)
         states = states_buf[: n + 1]
         states[0] = state
         torch.matmul(fk.transpose(-1, -2), vv, out=states[1:])
         states.cumsum_(0)  # states[c] = state before chunk c
         state = states[n]
-        num = torch.matmul(fq, states[:n])  # (n, BH, G·C, Dv+1)
-        scores = torch.matmul(fq, fk.transpose(-1, -2)).mul_(tri)
+        num = torch.matmul(fq, states[:n], out=num_buf[:n])  # (n, BH, G·C, Dv+1)
+        scores = torch.matmul(fq, fk.transpose(-1, -2), out=scores_buf[:n]).mul_(tri)
         num.view(n * BH, G * C, Dv + 1).baddbmm_(scores.view(n * BH, G * C, C), vv.view(n * BH, C, Dv + 1))
         # A zero normaliser comes with a zero numerator (non-negative features): 0 / tiny = 0.
         den = num[..., Dv:].clamp_min_(tiny)
         quotient = (num[..., :Dv].view(n, B, Hkv, G, C, Dv), den.view(n, B, Hkv, G, C, 1))
         target = out[:, :, :, s:e]
-        if l == n * C:
+        if full:
             # Divide straight into the output, whose layout (B, Hkv, G, n, C, Dv) this permutes to.
             torch.div(*quotient, out=target.view(B, Hkv, G, n, C, Dv).permute(3, 0, 1, 2, 4, 5))
         else:
