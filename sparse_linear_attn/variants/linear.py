@@ -41,7 +41,7 @@ from ..inputs import full_visibility, repeat_kv
 from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least
 
 #: Floats of per-group workspace (features, scores, per-chunk states) the causal path aims at.
-GROUP_ELEMENTS = 1 << 22
+GROUP_ELEMENTS = 1 << 21
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
