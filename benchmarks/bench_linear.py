@@ -91,7 +91,12 @@ def memory_child(n: int, heads: int, dim: int, variant_kw: dict) -> dict:
 
 def measure_memory(n: int, heads: int, dim: int, variant_kw: dict) -> dict:
     cmd = [sys.executable, __file__, "--_memory-child", json.dumps([n, heads, dim, variant_kw])]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, check=True)
+    # The child imports this checkout's package, however the parent found it.
+    root = os.path.dirname(os.path.abspath(sla.__file__ + "/.."))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory measurement failed:\n{res.stderr}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
