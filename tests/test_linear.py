@@ -120,6 +120,7 @@ def test_gradients_match_reference(name, causal):
 def test_many_groups_and_float32(monkeypatch):
     # A tiny workspace forces one chunk per group: the running state crosses many groups.
     monkeypatch.setattr(linear_mod, "GROUP_ELEMENTS", 1)
+    monkeypatch.setattr(linear_mod, "GRAD_GROUP_ELEMENTS", 1)
     q, k, v = make(b=1, h=4, hkv=1, nq=100, nk=111, d=16, dv=16, dtype=torch.float32)
     kpm = padding(1, 111)
     ref, _ = reference(q, k, v, "elu", causal=True, kpm=kpm)

@@ -40,8 +40,11 @@ from ..feature_maps import FeatureContext, FeatureMap, check_feature_map, get_fe
 from ..inputs import full_visibility, repeat_kv
 from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least
 
-#: Floats of per-group workspace (features, scores, per-chunk states) the causal path aims at.
+#: Floats of per-group workspace (features, scores, per-chunk states) the causal path aims at
+#: without autograd (small groups stay in cache), and with it (fewer, larger autograd nodes
+#: make the backward pass several times faster; the graph keeps every group's tensors anyway).
 GROUP_ELEMENTS = 1 << 21
+GRAD_GROUP_ELEMENTS = 1 << 24
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -117,8 +120,9 @@ def _with_ones(v: torch.Tensor, work) -> torch.Tensor:
     return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
 
 
-def _group_length(per_position: int, chunk: int) -> int:
-    return max(chunk, (GROUP_ELEMENTS // max(1, per_position)) // chunk * chunk)
+def _group_length(per_position: int, chunk: int, budget: int | None = None) -> int:
+    budget = GROUP_ELEMENTS if budget is None else budget
+    return max(chunk, (budget // max(1, per_position)) // chunk * chunk)
 
 
 def linear_chunked(
@@ -172,7 +176,7 @@ def linear_chunked(
                           out.view(B, Hkv, G, Nq, Dv)[:, :, :, lead:], C, k0)
         return out, None
     per_position = B * Hkv * (G * (2 * D + M + C + 3 * (Dv + 1)) + D + M + 2 * (Dv + 1) + M * (Dv + 1) // C + 1)
-    L = _group_length(per_position, C)
+    L = _group_length(per_position, C, GRAD_GROUP_ELEMENTS)
     tri = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     tri = tri.repeat(G, 1).to(work)  # (G·C, C): the same causal block for each grouped head
     pieces = []
