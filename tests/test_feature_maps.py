@@ -79,3 +79,12 @@ def test_registry_errors_and_registration():
     finally:
         fm.unregister_feature_map("test_square")
     assert "test_square" not in fm.available_feature_maps()
+
+
+@pytest.mark.parametrize("name", ["elu", "relu", "taylor", "favor"])
+def test_in_place_apply_matches_call(name):
+    x = torch.tensor([[-30.0, -1.0, -0.0, 0.0, 1e-8, 2.0, 50.0, 3.0]], dtype=torch.float32)[None, None]
+    f = fm.get_feature_map(name)
+    ctx = f.prepare(x, scale=0.5, num_features=8, seed=0, key_padding_mask=None, work_dtype=torch.float32)
+    want = f(x.clone(), ctx, is_query=True)
+    torch.testing.assert_close(f.apply_(x.clone(), ctx, is_query=True), want, rtol=1e-6, atol=0)
