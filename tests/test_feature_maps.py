@@ -87,4 +87,5 @@ def test_in_place_apply_matches_call(name):
     f = fm.get_feature_map(name)
     ctx = f.prepare(x, scale=0.5, num_features=8, seed=0, key_padding_mask=None, work_dtype=torch.float32)
     want = f(x.clone(), ctx, is_query=True)
-    torch.testing.assert_close(f.apply_(x.clone(), ctx, is_query=True), want, rtol=1e-6, atol=0)
+    # (elu: exp(-30) = 9e-14 where elu(-30) + 1 rounds to 0 in float32, hence the atol.)
+    torch.testing.assert_close(f.apply_(x.clone(), ctx, is_query=True), want, rtol=1e-6, atol=1e-12)
