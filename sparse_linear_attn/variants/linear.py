@@ -43,7 +43,7 @@ from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least
 #: Floats of per-group workspace (features, scores, per-chunk states) the causal path aims at
 #: without autograd (small groups stay in cache), and with it (fewer, larger autograd nodes
 #: make the backward pass several times faster; the graph keeps every group's tensors anyway).
-GROUP_ELEMENTS = 1 << 21
+GROUP_ELEMENTS = 1 << 22
 GRAD_GROUP_ELEMENTS = 1 << 24
 
 
