@@ -11,6 +11,7 @@ k ``(B, Hkv, Nk, D)``, v ``(B, Hkv, Nk, Dv)``.
 from . import variants as _variants  # noqa: F401  (registers the built-in variants)
 from .api import AttentionModule, attention, build, dense_mask
 from .config import AttentionConfig
+from .feature_maps import available_feature_maps, register_feature_map
 from .metrics import relative_error
 from .nn import ALiBi, MultiheadAttention, RotaryEmbedding, SinusoidalPositionalEncoding, swap_attention
 from .registry import available_variants, describe, register_variant, unregister_variant
@@ -26,10 +27,12 @@ __all__ = [
     "AttentionConfig",
     "AttentionModule",
     "attention",
+    "available_feature_maps",
     "available_variants",
     "build",
     "dense_mask",
     "describe",
+    "register_feature_map",
     "register_variant",
     "relative_error",
     "unregister_variant",

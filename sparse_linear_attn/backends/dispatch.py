@@ -95,6 +95,9 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "sliding_window": ("xformers", "flex", "torch", "math"),
     # Issue 3: on CUDA auto prefers Flex; the tile-gather path runs everywhere.
     "block_sparse": ("flex", "torch", "math"),
+    # Chunkwise / sums-once first; the quadratic math form only when weights are asked for.
+    "linear": ("torch", "math"),
+    "performer": ("torch", "math"),
 }
 
 
