@@ -23,20 +23,26 @@ def softmax_attention(q, k, v, mask=None, scale=None):
     """Plain float64 masked softmax attention; rows with no visible key give zeros.
 
     q (B,H,Nq,D), k/v (B,Hkv,Nk,·) with H % Hkv == 0; mask bool broadcastable to (B,H,Nq,Nk).
-    Returns (out, weights) in float64.
+    Returns (out, weights) in float64, differentiable (grads reach the float64 copies' sources).
     """
-    q, k, v = (t.detach().cpu().double() for t in (q, k, v))
     H, Hkv = q.shape[1], k.shape[1]
+    q, k, v = q.cpu().double(), k.cpu().double(), v.cpu().double()
     k = k.repeat_interleave(H // Hkv, dim=1)
     v = v.repeat_interleave(H // Hkv, dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = q @ k.transpose(-1, -2) * scale
-    if mask is not None:
-        mask = mask.cpu().expand_as(s)
-        s = s.masked_fill(~mask, -math.inf)
-        row = mask.any(-1, keepdim=True)
-        s = torch.where(row, s, torch.zeros_like(s))
-        p = torch.softmax(s, -1) * row
-    else:
+    if mask is None:
         p = torch.softmax(s, -1)
+        return p @ v, p
+    mask = mask.cpu().expand_as(s)
+    row = mask.any(-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(~mask, -math.inf).masked_fill(~row, 0.0), -1) * row
     return p @ v, p
+
+
+def pattern_attention(q, k, v, mask, key_padding_mask=None, scale=None):
+    """``softmax_attention`` over a pattern mask (nq, nk) or per head (H, nq, nk), minus padded keys."""
+    m = mask[None, None] if mask.dim() == 2 else mask[None]
+    if key_padding_mask is not None:
+        m = m & ~key_padding_mask.cpu()[:, None, None, :]
+    return softmax_attention(q, k, v, m, scale=scale)

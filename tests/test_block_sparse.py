@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import sparse_linear_attn as sla
+from _reference import pattern_attention
 from sparse_linear_attn.variants.block_sparse import pattern_layout
 
 
@@ -26,15 +27,7 @@ def element_mask(layout, nq, nk, bs, causal):
 
 
 def reference(q, k, v, mask, key_padding_mask=None):
-    rep = q.shape[1] // k.shape[1]
-    q, k, v = q.double(), k.repeat_interleave(rep, 1).double(), v.repeat_interleave(rep, 1).double()
-    m = mask[None, None] if mask.dim() == 2 else mask[None]
-    if key_padding_mask is not None:
-        m = m & ~key_padding_mask[:, None, None, :]
-    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-    seen = m.any(-1, keepdim=True)
-    p = torch.softmax(s.masked_fill(~m, float("-inf")).masked_fill(~seen, 0.0), -1) * seen
-    return p @ v
+    return pattern_attention(q, k, v, mask, key_padding_mask)[0]
 
 
 def rand(B, H, Hkv, nq, nk, D=16, Dv=8, dtype=torch.float32, seed=0):

@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparse_linear_attn as sla
+from _reference import pattern_attention
 from sparse_linear_attn.backends.dispatch import select_backend
 from sparse_linear_attn.inputs import make_call
 from sparse_linear_attn.registry import get
@@ -27,16 +28,8 @@ def window_mask(nq, nk, w, causal):
 
 
 def reference(q, k, v, mask, key_padding_mask=None, scale=None):
-    """float64 masked softmax; rows with nothing visible are zero."""
-    rep = q.shape[1] // k.shape[1]
-    q, k, v = q.double(), k.repeat_interleave(rep, 1).double(), v.repeat_interleave(rep, 1).double()
-    m = mask[None, None] if mask.dim() == 2 else mask[None]
-    if key_padding_mask is not None:
-        m = m & ~key_padding_mask[:, None, None, :]
-    s = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    seen = m.any(-1, keepdim=True)
-    p = torch.softmax(s.masked_fill(~m, float("-inf")).masked_fill(~seen, 0.0), -1) * seen
-    return p @ v, p
+    """float64 masked softmax (tests/_reference.py); rows with nothing visible are zero."""
+    return pattern_attention(q, k, v, mask, key_padding_mask, scale)
 
 
 def rand(B, H, Hkv, nq, nk, D=16, Dv=8, dtype=torch.float32, seed=0):
