@@ -104,6 +104,9 @@ class VariantSpec:
     # (nq, nk, causal, **params) -> bool (nq, nk) or (H, nq, nk): the pattern an exact sparse
     # variant computes over. ``None`` means "every key" (subject to causal/padding).
     mask_fn: Callable[..., torch.Tensor] | None = None
+    # (nq, nk, causal, **params) -> average number of keys a query sees (over queries and heads),
+    # in closed form, so benchmarks can count FLOPs at any N without building the dense mask.
+    visible_keys: Callable[..., float] | None = None
     # Cross-parameter checks that need more than one value: (params) -> reason | None.
     check_params: Callable[[Mapping[str, Any]], str | None] | None = None
     user_defined: bool = False

@@ -288,9 +288,11 @@ def test_visible_key_counts_against_brute_force(monkeypatch):
             p = i + off
             return p - w <= j <= (p if causal else p + w)
 
-        assert flops._window_visible(nq, nk, causal, w) == pytest.approx(brute(sees))
-    for nq, nk in ((40, 40), (24, 40)):
-        assert flops._full_visible(nq, nk, True) == pytest.approx(brute(lambda i, j: j <= i + nk - nq))
+        got, _ = flops.avg_visible_keys("sliding_window", {"window": w}, nq, nk, causal)
+        assert got == pytest.approx(brute(sees))
+    for nq, nk in ((40, 40), (24, 40), (40, 24)):
+        got, _ = flops.avg_visible_keys("full", {}, nq, nk, True)
+        assert got == pytest.approx(brute(lambda i, j: j <= i + nk - nq))
 
     # A block-local exact pattern: dense count when small, fitted from smaller dense masks when large.
     def band_blocks(nq, nk, *, causal, block):

@@ -14,11 +14,11 @@ Linear (kernelized) variants with feature dimension ``M`` (``elu``/``relu``: ``M
 * causal (chunkwise, chunk ``C``): the same state products plus the masked quadratic form inside
   each chunk, ``2·N·C̄·(M + Dv)`` with ``C̄ = (C + 1)/2`` visible keys on average.
 
-``K̄`` comes from a closed form for ``full`` and ``sliding_window``; for other exact patterns from
-``sla.dense_mask`` up to N = 16K, else from dense masks at N = 4K, 8K, 16K and a quadratic fit
-of the total count in N (exact for local, global, strided and bigbird block layouts, whose
-total is c0 + c1·N + c2·N² edges included; within a few percent for ``fixed``, whose count
-depends on how N divides into chunks). The method is recorded with every result.
+``K̄`` comes from the variant's closed form (``VariantSpec.visible_keys``: ``full``,
+``dot_product``, ``sliding_window`` and ``block_sparse`` — the latter counted tile by tile from
+its layout, causal diagonal tiles and ragged edges included); for a user variant with only a
+``mask_fn``, from ``sla.dense_mask`` up to N = 16K, else from dense masks at N = 4K, 8K, 16K and
+a quadratic fit of the total count in N. The method is recorded with every result.
 """
 
 from __future__ import annotations
@@ -37,22 +37,6 @@ FIT_LENGTHS = (4096, 8192, 16384)
 BACKWARD_FACTOR = 2.5
 
 
-def _full_visible(nq: int, nk: int, causal: bool) -> float:
-    if not causal:
-        return float(nk)
-    off = nk - nq
-    i = torch.arange(nq, dtype=torch.float64)
-    return float((i + off + 1).clamp(0, nk).mean())
-
-
-def _window_visible(nq: int, nk: int, causal: bool, window: int) -> float:
-    off = nk - nq
-    i = torch.arange(nq, dtype=torch.float64) + off  # query i aligned to key position i + off
-    lo = (i - window).clamp_min(0)
-    hi = (i if causal else i + window).clamp_max(nk - 1)
-    return float((hi - lo + 1).clamp_min(0).mean())
-
-
 def _mask_visible(name: str, nq: int, nk: int, causal: bool, params_items: tuple) -> float:
     from ..api import dense_mask
 
@@ -62,11 +46,9 @@ def _mask_visible(name: str, nq: int, nk: int, causal: bool, params_items: tuple
 
 @lru_cache(maxsize=256)
 def _visible_cached(name: str, nq: int, nk: int, causal: bool, params_items: tuple) -> tuple[float, str]:
-    params = dict(params_items)
-    if name in ("full", "dot_product"):
-        return _full_visible(nq, nk, causal), "analytic"
-    if name == "sliding_window" and isinstance(params.get("window"), int):
-        return _window_visible(nq, nk, causal, params["window"]), "analytic"
+    spec = registry.get(name)
+    if spec.visible_keys is not None:
+        return spec.visible_keys(nq, nk, causal=causal, **dict(params_items)), "closed form (VariantSpec.visible_keys)"
     if nq * nk <= DENSE_LIMIT:
         return _mask_visible(name, nq, nk, causal, params_items), "dense_mask"
     if nq != nk:

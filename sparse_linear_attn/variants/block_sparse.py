@@ -174,6 +174,36 @@ def block_sparse_mask(nq: int, nk: int, *, causal: bool = False, **params) -> to
     return layout.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :nq, :nk]
 
 
+def _clamped_sum(lo: torch.Tensor, hi: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+    """``Σ_{t=lo}^{hi−1} clamp(t, 0, cap)`` elementwise (int64), in closed form."""
+
+    def upto(T):  # Σ_{t=0}^{T−1} clamp(t, 0, cap)
+        T = T.clamp_min(0)
+        return torch.where(T <= cap + 1, T * (T - 1) // 2, cap * (cap + 1) // 2 + (T - cap - 1) * cap)
+
+    return upto(hi) - upto(lo)
+
+
+def block_sparse_visible_keys(nq: int, nk: int, *, causal: bool = False, **params) -> float:
+    """Average keys per query (over queries and heads) that the layout lets through, causal
+    applied element by element, ragged edges included: O(nq_blocks·nk_blocks), no dense mask."""
+    layout = resolve_layout(nq, nk, causal=causal, **params)
+    bs = params["block_size"]
+    nqb, nkb = layout.shape[-2:]
+    q_lo = torch.arange(nqb, dtype=torch.int64)[:, None] * bs
+    q_hi = (q_lo + bs).clamp_max(nq)
+    k_lo = torch.arange(nkb, dtype=torch.int64)[None, :] * bs
+    k_len = (nk - k_lo).clamp_max(bs)
+    if causal:
+        # Row i sees clamp(i + off − k_lo + 1, 0, k_len) keys of key block b.
+        shift = causal_offset(nq, nk) - k_lo + 1
+        per_tile = _clamped_sum(q_lo + shift, q_hi + shift, k_len)
+    else:
+        per_tile = (q_hi - q_lo) * k_len
+    total = (layout.to(torch.int64) * per_tile).sum(dim=(-2, -1))
+    return float(total.double().mean()) / nq
+
+
 def block_sparse_reference(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, **params):
     """Dense masked softmax over the expanded layout: the ``math`` backend (O(Nq·Nk))."""
     nq, nk = q.shape[2], k.shape[2]
@@ -440,6 +470,7 @@ add(
             "math": Impl(block_sparse_reference),
         },
         mask_fn=block_sparse_mask,
+        visible_keys=block_sparse_visible_keys,
         check_params=_check_params,
     )
 )

@@ -12,7 +12,7 @@ from __future__ import annotations
 from ..backends.math import dense_attention
 from ..backends.sdpa import full_sdpa
 from ..backends.xformers_backend import full_xformers, no_key_padding
-from ..inputs import full_visibility
+from ..inputs import causal_offset, full_visibility
 from ..registry import Impl, Supports, VariantSpec, add
 
 
@@ -22,6 +22,17 @@ def full_reference(q, k, v, *, causal, key_padding_mask, scale, return_weights=F
         q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask, device=q.device
     )
     return dense_attention(q, k, v, scale=scale, mask=mask, return_weights=return_weights)
+
+
+def full_visible_keys(nq: int, nk: int, *, causal: bool) -> float:
+    """Average keys per query: ``Nk``, or under bottom-right causal ``mean_i clamp(i + Nk − Nq + 1, 0, Nk)``."""
+    if not causal:
+        return float(nk)
+    off = causal_offset(nq, nk)
+    first = max(0, -off)  # queries before this see nothing
+    # Queries first..nq-1 see i + off + 1 keys (never more than nk, since i + off <= nk - 1).
+    seen = sum(range(first + off + 1, nq + off + 1))
+    return seen / nq
 
 
 IMPLS = {
@@ -38,6 +49,7 @@ add(
         cost="O(N²·D)",
         supports=Supports(),
         impls=dict(IMPLS),
+        visible_keys=full_visible_keys,
     )
 )
 
@@ -50,5 +62,6 @@ add(
         supports=Supports(),
         impls=dict(IMPLS),
         default_scale=1.0,
+        visible_keys=full_visible_keys,
     )
 )

@@ -48,6 +48,14 @@ def sliding_window_mask(nq: int, nk: int, *, causal: bool = False, window: int =
     return (d >= -window) & (d <= (0 if causal else window))
 
 
+def sliding_window_visible_keys(nq: int, nk: int, *, causal: bool = False, window: int = 256) -> float:
+    """Average keys per query of the band, edges included, in O(Nq) without a mask."""
+    i = torch.arange(nq, dtype=torch.float64) + causal_offset(nq, nk)
+    lo = (i - window).clamp_min(0)
+    hi = (i if causal else i + window).clamp_max(nk - 1)
+    return float((hi - lo + 1).clamp_min(0).mean())
+
+
 def sliding_window_reference(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window):
     """Dense masked softmax: the ``math`` backend (O(Nq·Nk)), the one that returns weights."""
     nq, nk = q.shape[2], k.shape[2]
@@ -244,5 +252,6 @@ add(
             "math": Impl(sliding_window_reference),
         },
         mask_fn=sliding_window_mask,
+        visible_keys=sliding_window_visible_keys,
     )
 )
