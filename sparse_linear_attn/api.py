@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,14 +43,31 @@ def _check_supports(spec: registry.VariantSpec, call) -> None:
         raise ValueError(f"variant {spec.name!r} does not support {', '.join(problems)}")
 
 
+def _check_causal(causal: Any) -> bool:
+    # numpy.bool_ is not a bool subclass but is what values read through numpy often are.
+    if isinstance(causal, (bool, np.bool_)):
+        return bool(causal)
+    raise ParameterError(f"causal must be True or False, got {causal!r} ({type(causal).__name__})")
+
+
+def _empty_result(q, k, v, return_weights):
+    """Nothing to attend with or to: zeros of the right shapes (a query seeing no key gives zeros)."""
+    B, H, Nq, _ = q.shape
+    out = (q.new_zeros(B, H, Nq, v.shape[-1]) + 0 * q.sum() + 0 * k.sum() + 0 * v.sum())  # keeps autograd
+    return (out, q.new_zeros(B, H, Nq, k.shape[2])) if return_weights else out
+
+
 def _run(
     spec: registry.VariantSpec,
     q, k, v, *, causal, key_padding_mask, scale, return_weights, backend, params, module=None,
 ):
+    causal = _check_causal(causal)
     check_inputs(q, k, v, key_padding_mask)
     call = make_call(q, k, v, causal=causal, key_padding_mask=key_padding_mask, return_weights=return_weights)
     _check_supports(spec, call)
     scale = _resolve_scale(spec, scale, q.shape[-1])
+    if q.numel() == 0 or k.shape[2] == 0:
+        return _empty_result(q, k, v, return_weights)
     if module is not None:
         if backend not in ("auto", "module"):
             raise ParameterError(

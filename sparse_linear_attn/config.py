@@ -11,6 +11,7 @@ other key is a parameter of the variant and is checked against its spec.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,8 +38,10 @@ class AttentionConfig:
             raise ParameterError(f"config 'variant' must be a string, got {self.variant!r}")
         if not isinstance(self.causal, bool):
             raise ParameterError(f"config 'causal' must be true or false, got {self.causal!r}")
-        if self.scale is not None and (isinstance(self.scale, bool) or not isinstance(self.scale, (int, float))):
-            raise ParameterError(f"config 'scale' must be a number or null, got {self.scale!r}")
+        if self.scale is not None and (
+            isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale)
+        ):
+            raise ParameterError(f"config 'scale' must be a finite number or null, got {self.scale!r}")
         if not isinstance(self.backend, str):
             raise ParameterError(f"config 'backend' must be a string, got {self.backend!r}")
         clash = [k for k in self.params if k in COMMON_KEYS]

@@ -166,7 +166,7 @@ class VariantInfo:
         flags = [k for k in ("causal", "cross_attention", "key_padding", "weights", "grouped_query") if getattr(self, k)]
         lines.append(f"  supports: {', '.join(flags)}; backends: {', '.join(self.backends)}")
         if self.build_only:
-            lines.append("  learned parameters: use sla.build(config)")
+            lines.append("  nn.Module variant: use sla.build(config) (sla.attention runs it only without learned parameters)")
         for pname, (default, doc) in self.params.items():
             lines.append(f"  {pname}={default!r}: {doc}")
         return "\n".join(lines)
@@ -304,7 +304,9 @@ def register_variant(
         add(
             VariantSpec(
                 name=name,
-                summary=summary or (inspect.getdoc(obj) or "").split("\n")[0] or "user variant",
+                # obj.__doc__, not inspect.getdoc: a Module subclass without a docstring would
+                # otherwise be summarised by nn.Module's own.
+                summary=summary or inspect.cleandoc(obj.__doc__ or "").split("\n")[0] or "user variant",
                 exact=exact,
                 cost=cost,
                 params=found,

@@ -94,7 +94,9 @@ def test_other_file_errors(tmp_path):
     "cfg,match",
     [
         ({"variant": "full", "causal": "yes"}, "'causal' must be true or false"),
-        ({"variant": "full", "scale": "big"}, "'scale' must be a number"),
+        ({"variant": "full", "scale": "big"}, "'scale' must be a finite number"),
+        ({"variant": "full", "scale": float("nan")}, "'scale' must be a finite number"),
+        ({"variant": "full", "scale": float("inf")}, "'scale' must be a finite number"),
         ({"variant": 3}, "'variant' must be a string"),
         ({"variant": "full", "window": 4}, "unknown parameter"),
     ],

@@ -487,3 +487,27 @@ def test_attention_given_as_config_file_or_config(tmp_path):
     assert layer.attn.params == {"head_dim": E // H, "hidden_dim": 4}
     with pytest.raises(FileNotFoundError):
         sla.MultiheadAttention(E, H, attention="missing.yaml")
+
+
+@pytest.mark.parametrize("extra", [{"add_bias_kv": True}, {"add_zero_attn": True}])
+def test_appended_keys_stay_outside_a_variants_pattern(extra):
+    # torch with the band as attn_mask is the reference: the appended key is visible to all.
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(8, 2, batch_first=True, **extra).double().eval()
+    ours = sla.MultiheadAttention.from_torch(ref, {"variant": "sliding_window", "window": 1}).double().eval()
+    x = torch.randn(2, 7, 8, dtype=torch.float64)
+    band_hidden = (torch.arange(7)[:, None] - torch.arange(7)).abs() > 1
+    want, w_want = ref(x, x, x, attn_mask=band_hidden)
+    got, w_got = ours(x, x, x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(w_got, w_want, rtol=1e-10, atol=1e-10)
+
+
+def test_sinusoidal_positions_are_bottom_right_aligned_like_a_kv_cache():
+    torch.manual_seed(0)
+    m = sla.MultiheadAttention(16, 2, batch_first=True, positional="sinusoidal",
+                               attention={"variant": "full", "causal": True}).double().eval()
+    x = torch.randn(1, 6, 16, dtype=torch.float64)
+    whole = m(x, x, x, need_weights=False)[0]
+    last = m(x[:, -1:], x, x, need_weights=False)[0]  # decoding the last token against the cache
+    torch.testing.assert_close(last, whole[:, -1:], rtol=1e-10, atol=1e-10)

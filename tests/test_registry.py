@@ -192,3 +192,35 @@ def test_xformers_import_is_quiet_when_installed():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True" and out.stderr == "", out.stderr
+
+
+@pytest.mark.parametrize("name", ["full", "sliding_window", "block_sparse", "linear", "performer"])
+def test_empty_inputs_give_empty_or_zero_outputs(name):
+    # Empty batch, no queries, no keys: shapes as for any other call; no key visible -> zeros.
+    for (B, Nq, Nk) in ((0, 5, 5), (1, 0, 5), (2, 4, 0)):
+        q = torch.randn(B, 2, Nq, 8, requires_grad=True)
+        k, v = torch.randn(B, 1, Nk, 8), torch.randn(B, 1, Nk, 6)
+        out = sla.attention(q, k, v, name, causal=True)
+        assert out.shape == (B, 2, Nq, 6) and torch.count_nonzero(out) == 0
+        out.sum().backward()
+        assert q.grad.shape == q.shape
+
+
+def test_causal_must_be_a_bool():
+    import numpy as np
+
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match=r"causal must be True or False, got 'false' \(str\)"):
+        sla.attention(q, q, q, "sliding_window", window=2, causal="false")
+    with pytest.raises(TypeError, match="causal must be True or False"):
+        sla.attention(q, q, q, causal=1)
+    torch.testing.assert_close(sla.attention(q, q, q, causal=np.bool_(True)), sla.attention(q, q, q, causal=True))
+
+
+def test_module_variant_without_docstring_is_not_described_as_nn_module(clean_registry):
+    @sla.register_variant("undocumented")
+    class Undocumented(nn.Module):
+        def forward(self, q, k, v, *, causal, key_padding_mask, scale):
+            return v
+
+    assert sla.describe("undocumented").summary == "user variant"

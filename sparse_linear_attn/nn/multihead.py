@@ -36,7 +36,7 @@ from .. import registry
 from ..api import AttentionModule, _resolve_scale, _run
 from ..config import AttentionConfig, to_config
 from ..errors import ShapeError, unknown_name_message
-from ..inputs import causal_mask, full_visibility
+from ..inputs import causal_offset, causal_mask, full_visibility
 from .dense import masked_biased_attention, split_float_mask
 from .positional import POSITIONAL, ALiBi, RotaryEmbedding, sinusoidal_encoding
 
@@ -352,7 +352,8 @@ class MultiheadAttention(nn.Module):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         q_in, k_in = query, key
         if self.positional == "sinusoidal":
-            q_in = query + sinusoidal_encoding(Nq, E, base=self.rope_base, device=query.device, dtype=query.dtype)
+            q_in = query + sinusoidal_encoding(Nq, E, base=self.rope_base, offset=causal_offset(Nq, Nk),
+                                                device=query.device, dtype=query.dtype)
             k_in = key + sinusoidal_encoding(Nk, self.kdim, base=self.rope_base, device=key.device, dtype=key.dtype)
         (w_q, b_q), (w_k, b_k), (w_v, b_v) = self._projections()
         q = F.linear(q_in, w_q, b_q).reshape(B, Nq, H, D).transpose(1, 2)
@@ -387,6 +388,7 @@ class MultiheadAttention(nn.Module):
             causal, am_visible = True, None  # a causal mask given explicitly: the variant does it cheaply
 
         extra = (self.bias_k is not None) + bool(self.add_zero_attn)
+        pattern_causal = causal  # the variant's pattern is placed on the real keys, before any appended
         if extra:
             if causal:  # appended keys are visible to every query: causal becomes an explicit mask
                 c = causal_mask(Nq, Nk, device=q.device)[None, None]
@@ -418,6 +420,8 @@ class MultiheadAttention(nn.Module):
             ("positional='alibi'", self.alibi is not None),
             (f"attention dropout ({self.dropout}) in training", dropout_p > 0.0),
             ("add_bias_kv/add_zero_attn with a causal mask", extra and am_visible is not None),
+            # The appended keys sit outside the pattern (visible to every query): dense path.
+            ("add_bias_kv/add_zero_attn with a patterned variant", extra and self.spec.mask_fn is not None),
         ) if on]
 
         spec = self.spec
@@ -437,9 +441,9 @@ class MultiheadAttention(nn.Module):
                                                      enable_gqa=Hkv != H)
                 return self._finish(out, None, B, Nq, E, average)
             params = self.attn.params
-            pattern = spec.mask_fn(Nq, Nk_all, causal=causal, **params) if spec.mask_fn is not None else None
+            pattern = spec.mask_fn(Nq, Nk, causal=pattern_causal, **params) if spec.mask_fn is not None else None
             if pattern is not None:
-                pattern = pattern.to(q.device)
+                pattern = F.pad(pattern.to(q.device), (0, Nk_all - Nk), value=True)
             visible = full_visibility(Nq, Nk_all, causal=causal, key_padding_mask=None, pattern=pattern, device=q.device)
             for m in (am_visible, kp_visible):
                 if m is not None:
