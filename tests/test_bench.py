@@ -318,3 +318,10 @@ def test_visible_key_counts_against_brute_force(monkeypatch):
     finally:
         flops._visible_cached.cache_clear()
         unregister_variant("bench_band")
+
+
+def test_plot_of_a_missing_results_file_says_so(tmp_path):
+    from sparse_linear_attn.bench.plot import plot_results
+
+    with pytest.raises(FileNotFoundError, match="no results file at"):
+        plot_results(tmp_path / "nowhere")

@@ -83,6 +83,8 @@ def plot_results(results: str | Path, out_dir: str | Path | None = None) -> list
     results = Path(results)
     if results.is_dir():
         results = results / "results.jsonl"
+    if not results.is_file():
+        raise FileNotFoundError(f"no results file at {results} (give a results.jsonl or the folder holding one)")
     records = read_results(results)
     if not records:
         raise ValueError(f"{results} holds no records")
