@@ -53,7 +53,9 @@ def _check_causal(causal: Any) -> bool:
 def _empty_result(q, k, v, return_weights):
     """Nothing to attend with or to: zeros of the right shapes (a query seeing no key gives zeros)."""
     B, H, Nq, _ = q.shape
-    out = (q.new_zeros(B, H, Nq, v.shape[-1]) + 0 * q.sum() + 0 * k.sum() + 0 * v.sum())  # keeps autograd
+    # Empty sums keep the graph to q, k, v (zero gradients) without 0·inf = NaN from their values.
+    link = q.narrow(-1, 0, 0).sum(-1, keepdim=True) + k.narrow(2, 0, 0).sum() + v.narrow(2, 0, 0).sum()
+    out = q.new_zeros(B, H, Nq, v.shape[-1]) + link
     return (out, q.new_zeros(B, H, Nq, k.shape[2])) if return_weights else out
 
 

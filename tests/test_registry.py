@@ -204,6 +204,9 @@ def test_empty_inputs_give_empty_or_zero_outputs(name):
         assert out.shape == (B, 2, Nq, 6) and torch.count_nonzero(out) == 0
         out.sum().backward()
         assert q.grad.shape == q.shape
+    # Queries that see no key give zeros even when their own values are not finite.
+    q = torch.full((1, 2, 3, 8), float("inf"))
+    assert torch.count_nonzero(sla.attention(q, torch.randn(1, 1, 0, 8), torch.randn(1, 1, 0, 6), name)) == 0
 
 
 def test_causal_must_be_a_bool():
