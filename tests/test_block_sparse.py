@@ -154,6 +154,17 @@ def test_rows_seeing_no_block_are_zero_and_finite():
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+def test_empty_layout_gives_zeros_that_stay_in_the_graph():
+    q, k, v = rand(1, 2, 2, 64, 64)
+    q[0, 0, 0, 0] = float("inf")  # must not turn the zeros into NaN
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out = sla.attention(q, k, v, "block_sparse", layout=torch.zeros(4, 4, dtype=torch.bool), block_size=16)
+    assert out.requires_grad and out.abs().max() == 0
+    out.sum().backward()
+    assert all(t.grad is not None and t.grad.abs().max() == 0 for t in (q, k, v))
+
+
 def test_weights_follow_the_layout():
     layout = rand_layout((4, 4), seed=2)
     layout[:, 0] = True

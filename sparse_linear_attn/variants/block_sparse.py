@@ -359,6 +359,10 @@ def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weigh
         start = stop
     if grad and pieces:
         out = out.index_copy(0, torch.cat(done), torch.cat(pieces))
+    elif grad:
+        # No query sees any block: zeros, still in the graph (zero gradients); empty sums, as
+        # 0·sum would turn a non-finite input into NaN.
+        out = out + (qp.narrow(-1, 0, 0).sum() + kp.narrow(-1, 0, 0).sum() + vp.narrow(-1, 0, 0).sum())
     out = out.view(B, H, nqb * bs, Dv)
     return (out[:, :, :nq] if nq % bs else out), None
 
