@@ -13,6 +13,7 @@ import torch
 
 import sparse_linear_attn as sla
 from _reference import pattern_attention
+from sparse_linear_attn.variants import block_sparse as bs_mod
 from sparse_linear_attn.variants.block_sparse import pattern_layout
 
 
@@ -62,6 +63,42 @@ def test_layout_forward_matches_definition(backend, nq, nk, bs, causal, H, Hkv, 
                         key_padding_mask=kpm, backend=backend)
     ref = reference(q, k, v, element_mask(layout, nq, nk, bs, causal), kpm)
     assert out.shape == (2, H, nq, 8)
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("nq,nk,bs,causal,H,Hkv,pad,per_head", CASES)
+def test_many_small_groups_share_buffers(monkeypatch, nq, nk, bs, causal, H, Hkv, pad, per_head):
+    # A tiny group budget splits the rows into many groups of different widths and mask kinds
+    # that reuse one pair of gather buffers (no autograd) or are checkpointed one by one.
+    monkeypatch.setattr(bs_mod, "GROUP_ELEMENTS", 1)
+    monkeypatch.setattr(bs_mod, "GRAD_GROUP_ELEMENTS", 3 * bs * 16 * H)
+    nqb, nkb = -(-nq // bs), -(-nk // bs)
+    layout = rand_layout((H, nqb, nkb) if per_head else (nqb, nkb), seed=7, p=0.5)
+    q, k, v = rand(2, H, Hkv, nq, nk, seed=1)
+    kpm = (torch.rand(2, nk, generator=torch.Generator().manual_seed(4)) < 0.3) if pad else None
+    ref = reference(q, k, v, element_mask(layout, nq, nk, bs, causal), kpm)
+    with torch.no_grad():
+        out = sla.attention(q, k, v, "block_sparse", layout=layout, block_size=bs, causal=causal, key_padding_mask=kpm)
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+    q, k, v = (t.double().requires_grad_(True) for t in (q, k, v))
+    out = sla.attention(q, k, v, "block_sparse", layout=layout, block_size=bs, causal=causal, key_padding_mask=kpm)
+    ref = reference(q, k, v, element_mask(layout, nq, nk, bs, causal), kpm)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-8)
+    cot = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), cot), torch.autograd.grad(ref, (q, k, v), cot)):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+
+
+def test_causal_uniform_rows_use_one_diagonal_mask(monkeypatch):
+    # bigbird with Nq == Nk: most rows have the same width and end on their diagonal tile, so
+    # they run in groups with the shared additive diagonal mask; small groups, many of them.
+    monkeypatch.setattr(bs_mod, "GROUP_ELEMENTS", 4 * 16 * 16 * 2 * 6)
+    n, bs = 16 * 40, 16
+    q, k, v = rand(1, 2, 2, n, n, seed=2)
+    layout = pattern_layout("bigbird", n // bs, n // bs, causal=True, seed=3)
+    with torch.no_grad():
+        out = sla.attention(q, k, v, "block_sparse", pattern="bigbird", seed=3, block_size=bs, causal=True)
+    ref = reference(q, k, v, element_mask(layout, n, n, bs, True))
     torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
 
 

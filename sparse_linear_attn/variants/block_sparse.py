@@ -25,7 +25,7 @@ v ``(B, Hkv, Nk, Dv)``.
 
 Cost of the ``torch`` backend: O(B·H·nnz_blocks·block_size²·D) time. Query blocks are sorted
 by how many key blocks they see and processed in bounded groups; each group gathers only its
-active key tiles (``GROUP_ELEMENTS`` elements at a time), so memory never holds an ``Nq×Nk``
+active key tiles (:func:`group_budget` elements at a time), so memory never holds an ``Nq×Nk``
 tensor.
 """
 
@@ -46,8 +46,16 @@ from ..errors import ParameterError, UnknownNameError, unknown_name_message
 from ..inputs import causal_offset, full_visibility
 from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least
 
-#: Elements of the gathered key (and value) tiles built at once; bounds working memory.
-GROUP_ELEMENTS = 1 << 23
+#: Elements of the gathered key (and value) tiles built at once, on CPU without autograd. Small
+#: on purpose: a group's copies should stay in cache and under glibc's mmap threshold (32 MiB),
+#: above which every group's buffers are freshly mapped and page-faulted in. At 2²³ those faults
+#: and cache misses cost more than the tile gathers themselves (bigbird, N=16384: 233 ms at 2²³,
+#: 144 ms at 2²⁰, same process; see docs/sparse.md).
+GROUP_ELEMENTS = 1 << 20
+#: With autograd each group is a checkpointed node: fewer, larger ones measured faster.
+GRAD_GROUP_ELEMENTS = 1 << 22
+#: On accelerators (unmeasured here) larger groups mean fewer kernel launches.
+DEVICE_GROUP_ELEMENTS = 1 << 23
 #: Rows of one width needed to give them a group of their own with a shared constant mask.
 MIN_UNIFORM_ROWS = 8
 
@@ -237,7 +245,27 @@ def _row_plan(layout: torch.Tensor, causal: bool, nq: int, nk: int, bs: int):
     return order, counts, cols, simple
 
 
-def _group(q, k, v, kpm, rows, counts, cols, *, bs, causal, scale, nq, nk, per_head, mask_kind, fix_empty):
+def group_budget(device: torch.device, grad: bool) -> int:
+    """Elements of gathered tiles per group (see :data:`GROUP_ELEMENTS`)."""
+    if device.type != "cpu":
+        return DEVICE_GROUP_ELEMENTS
+    return GRAD_GROUP_ELEMENTS if grad else GROUP_ELEMENTS
+
+
+def _diagonal_mask(c: int, bs: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive ``(bs, c·bs)`` mask: ``c − 1`` visible tiles, then the causal diagonal tile.
+
+    Additive (0 / −inf in the query dtype) because SDPA would otherwise convert a bool mask
+    on every call; every row keeps its diagonal element, so no row is all −inf.
+    """
+    r = torch.arange(bs, device=device)
+    mask = torch.zeros(bs, c * bs, dtype=dtype, device=device)
+    mask[:, (c - 1) * bs:].masked_fill_(r[None, :] > r[:, None], float("-inf"))
+    return mask
+
+
+def _group(q, k, v, kpm, rows, counts, cols, *, bs, causal, scale, nq, nk, per_head, mask_kind, fix_empty,
+           diagonal=None, bufs=None):
     """Attention of one group of rows over their gathered key tiles.
 
     Returns ``(out, qidx)``: ``out (B·g·H', bs, Dv)`` and the rows of ``q.view(-1, bs, D)`` it
@@ -265,13 +293,14 @@ def _group(q, k, v, kpm, rows, counts, cols, *, bs, causal, scale, nq, nk, per_h
     kidx = (((bi * Hkv + hk) * nkb)[..., None] + kb[None, :, None, :]).flatten()  # (B·g·Hk'·c)
     hq_, hk_ = h.shape[-1], hk.shape[-1]
     qg = q.reshape(-1, bs * D).index_select(0, qidx).view(B * g, hq_, bs, D)
-    kg = k.reshape(-1, bs * D).index_select(0, kidx).view(B * g, hk_, c * bs, D)
-    vg = v.reshape(-1, bs * Dv).index_select(0, kidx).view(B * g, hk_, c * bs, Dv)
+    # Without autograd the caller lends reusable buffers: they stay warm in cache.
+    kbuf, vbuf = (bufs[0][:kidx.shape[0]], bufs[1][:kidx.shape[0]]) if bufs is not None else (None, None)
+    kg = torch.index_select(k.reshape(-1, bs * D), 0, kidx, out=kbuf).view(B * g, hk_, c * bs, D)
+    vg = torch.index_select(v.reshape(-1, bs * Dv), 0, kidx, out=vbuf).view(B * g, hk_, c * bs, Dv)
     mask = visible = None
     if mask_kind == "diagonal":
         # Every tile but the last is wholly visible; the last is the causal diagonal.
-        r = torch.arange(bs, device=dev)
-        mask = torch.cat([torch.ones(bs, (c - 1) * bs, dtype=torch.bool, device=dev), r[None, :] <= r[:, None]], 1)
+        mask = diagonal if diagonal is not None else _diagonal_mask(c, bs, q.dtype, dev)
     elif mask_kind == "general":
         ar = torch.arange(bs, device=dev)
         j = (kb[:, :, None] * bs + ar).flatten(1)  # (g, c·bs) key positions
@@ -324,6 +353,9 @@ def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weigh
     ragged = nk % bs != 0
     # A query can end up seeing nothing only with padding or a causal offset off the grid.
     fix_empty = kpm is not None or (causal and (off % bs != 0 or nq > nk))
+    budget = group_budget(q.device, grad)
+    bufs = None  # gather buffers reused by every group (no autograd only)
+    diagonals: dict[int, torch.Tensor] = {}  # additive diagonal masks by row width, built once
     n_rows = len(counts_sorted)
     start = next((r for r, n in enumerate(counts_sorted) if n > 0), n_rows)
     done, pieces = [], []
@@ -342,19 +374,27 @@ def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weigh
         uniform = (kpm is None and (not ragged or (causal and nq == nk)) and (s0 or not causal)
                    and run - start >= min(MIN_UNIFORM_ROWS, n_rows - start))
         stop = start + 1
-        while (stop < n_rows and (stop + 1 - start) * counts_sorted[stop] * per_block <= GROUP_ELEMENTS
+        while (stop < n_rows and (stop + 1 - start) * counts_sorted[stop] * per_block <= budget
                and (not uniform or (counts_sorted[stop] == c0 and simple_sorted[stop] == s0))):
             stop += 1
         mask_kind = ("diagonal" if causal else None) if uniform else "general"
         rows = order[start:stop]
         gkw = dict(kw, mask_kind=mask_kind, fix_empty=fix_empty)
+        if mask_kind == "diagonal" and not grad:
+            if c0 not in diagonals:
+                diagonals[c0] = _diagonal_mask(c0, bs, q.dtype, q.device)
+            gkw["diagonal"] = diagonals[c0]
         if grad:
             # Recomputed in backward: the gathered tiles are not kept for the whole sequence.
             piece, qidx = checkpoint(_group, qp, kp, vp, kpm, rows, counts, cols, use_reentrant=False, **gkw)
             pieces.append(piece)
             done.append(qidx)
         else:
-            piece, qidx = _group(qp, kp, vp, kpm, rows, counts, cols, **gkw)
+            if bufs is None:
+                # Tiles gathered per group: within the budget, or one row when a row alone is over.
+                tiles = max(budget // (bs * max(D, Dv)), max(counts_sorted) * B * (1 if per_head else Hkv))
+                bufs = (qp.new_empty(tiles, bs * D), qp.new_empty(tiles, bs * Dv))
+            piece, qidx = _group(qp, kp, vp, kpm, rows, counts, cols, bufs=bufs, **gkw)
             out.index_copy_(0, qidx, piece)
         start = stop
     if grad and pieces:
