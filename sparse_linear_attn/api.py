@@ -13,6 +13,7 @@ from torch import nn
 
 from . import registry
 from .backends.dispatch import select_backend
+from .backends.flex import FlexCacheFull
 from .config import AttentionConfig, to_config
 from .errors import ParameterError
 from .inputs import check_inputs, full_visibility, make_call, repeat_kv
@@ -85,14 +86,22 @@ def _run(
         return module(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
                       return_weights=return_weights)
     name = select_backend(spec, call, params, backend)
-    impl = spec.impls[name]
+    kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale, return_weights=return_weights)
+    try:
+        out, weights = _call_impl(spec.impls[name], q, k, v, kwargs, params)
+    except FlexCacheFull:
+        if backend != "auto":
+            raise
+        # auto chose Flex, whose compiled graphs are now at their limit: from here on
+        # select_backend rules it out, so the next backend in the table runs this call.
+        out, weights = _call_impl(spec.impls[select_backend(spec, call, params, backend)], q, k, v, kwargs, params)
+    return (out, weights) if return_weights else out
+
+
+def _call_impl(impl: registry.Impl, q, k, v, kwargs, params):
     if not impl.grouped_query:
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-    out, weights = impl.fn(
-        q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-        return_weights=return_weights, **params,
-    )
-    return (out, weights) if return_weights else out
+    return impl.fn(q, k, v, **kwargs, **params)
 
 
 def attention(

@@ -89,3 +89,49 @@ def test_flex_has_no_cpu_backward_and_auto_falls_back():
     out = sla.attention(q, k, v, "sliding_window", window=4)  # auto -> torch path
     out.sum().backward()
     assert q.grad is not None
+
+
+def test_full_graph_cache_is_an_error_for_flex_and_a_fallback_for_auto(monkeypatch):
+    # Past the graph limit torch would run Flex unfused (an N×N score matrix); instead explicit
+    # flex raises and auto moves on to the next backend. Auto picks Flex on CUDA only, so here
+    # the flex impl is given a preference that allows it on CPU.
+    from sparse_linear_attn import registry
+    from sparse_linear_attn.registry import Impl
+
+    spec = registry.get("sliding_window")
+    monkeypatch.setitem(spec.impls, "flex", Impl(spec.impls["flex"].fn, prefer=lambda call, params: flex_backend.cache_full_reason()))
+    monkeypatch.setattr(flex_backend, "MAX_COMPILED_GRAPHS", 1)
+    monkeypatch.setattr(flex_backend, "_FULL_AT", None)
+    g = torch.Generator().manual_seed(2)
+    shapes = [(1, 2, n, 16) for n in (72, 88)]  # at most one compiles, the other needs a second graph
+    with torch.no_grad():
+        with pytest.raises(flex_backend.FlexCacheFull, match="MAX_COMPILED_GRAPHS"):
+            for shape in shapes:
+                q = torch.randn(shape, generator=g)
+                sla.attention(q, q, q, "sliding_window", window=5, causal=True, backend="flex")
+        assert flex_backend.cache_full_reason() is not None
+        q, k, v = (torch.randn(1, 2, 104, 16, generator=g) for _ in range(3))
+        out = sla.attention(q, k, v, "sliding_window", window=5, causal=True)  # auto: not flex any more
+    i, j = torch.arange(104)[:, None], torch.arange(104)[None, :]
+    torch.testing.assert_close(out.double(), reference(q, k, v, (j >= i - 5) & (j <= i)), atol=2e-6, rtol=1e-5)
+    call = sla.inputs.make_call(q, k, v, causal=True, key_padding_mask=None, return_weights=False)
+    assert sla.backends.dispatch.select_backend(spec, call, {"window": 5}) == "torch"
+
+
+def test_auto_retries_without_flex_when_the_cache_fills_during_the_call(monkeypatch):
+    from sparse_linear_attn import registry
+    from sparse_linear_attn.registry import Impl
+
+    def full_now(*args, **kwargs):
+        monkeypatch.setattr(flex_backend, "_FULL_AT", flex_backend.MAX_COMPILED_GRAPHS)
+        raise flex_backend.FlexCacheFull("full")
+
+    spec = registry.get("sliding_window")
+    monkeypatch.setitem(spec.impls, "flex", Impl(full_now, prefer=lambda call, params: flex_backend.cache_full_reason()))
+    monkeypatch.setattr(flex_backend, "_FULL_AT", None)
+    q, k, v = (torch.randn(1, 2, 50, 8, generator=torch.Generator().manual_seed(3)) for _ in range(3))
+    out = sla.attention(q, k, v, "sliding_window", window=3)
+    i, j = torch.arange(50)[:, None], torch.arange(50)[None, :]
+    torch.testing.assert_close(out.double(), reference(q, k, v, (j - i).abs() <= 3), atol=2e-6, rtol=1e-5)
+    with pytest.raises(flex_backend.FlexCacheFull):
+        sla.attention(q, k, v, "sliding_window", window=3, backend="flex")

@@ -13,6 +13,12 @@ Two things are cached so that repeated calls neither rebuild nor recompile:
 On CPU, FlexAttention compiles for inference only (no backward): the dispatch table
 (``BACKENDS["flex"]``) rules it out when inputs require grad, and ``backend="auto"`` then uses
 the pure-PyTorch path.
+
+The compiled function holds one graph per input shape, dtype and mask function. Past torch's
+recompile limit (8 by default) dynamo would silently run FlexAttention *unfused*, which builds
+the whole ``Nq×Nk`` score matrix — the O(N²) memory this backend exists to avoid. Calls here
+raise that limit to :data:`MAX_COMPILED_GRAPHS` and turn hitting it into :class:`FlexCacheFull`;
+``backend="auto"`` then runs the next backend in the table, and stops choosing Flex.
 """
 
 from __future__ import annotations
@@ -22,11 +28,22 @@ from collections.abc import Callable, Hashable
 
 import torch
 
+from ..errors import BackendUnavailableError
+
 #: BlockMasks kept (least recently used dropped first).
 MAX_CACHED_MASKS = 32
+#: Graphs the compiled ``flex_attention`` may hold in this process (one per input shape, dtype
+#: and mask function); each costs a compile (seconds on CPU).
+MAX_COMPILED_GRAPHS = 64
 
 _COMPILED: Callable | None = None
 _MASKS: OrderedDict[Hashable, object] = OrderedDict()
+_FULL_AT: int | None = None  # the MAX_COMPILED_GRAPHS in force when a call found the cache full
+
+
+class FlexCacheFull(BackendUnavailableError):
+    """The compiled FlexAttention holds :data:`MAX_COMPILED_GRAPHS` graphs and this call needs
+    another one; running it anyway would be unfused (O(Nq·Nk) memory)."""
 
 
 def compiled_flex() -> Callable:
@@ -92,12 +109,41 @@ def block_mask_from_layout(
 
 
 def flex_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_mask, scale: float) -> torch.Tensor:
-    """Compiled FlexAttention; rows that see no key come back as zeros (Flex's own convention)."""
-    return compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    """Compiled FlexAttention; rows that see no key come back as zeros (Flex's own convention).
+
+    Raises :class:`FlexCacheFull` instead of running unfused when a new graph would exceed
+    :data:`MAX_COMPILED_GRAPHS`.
+    """
+    global _FULL_AT
+    import torch._dynamo
+
+    fn = compiled_flex()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=MAX_COMPILED_GRAPHS, fail_on_recompile_limit_hit=True):
+            return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        _FULL_AT = MAX_COMPILED_GRAPHS
+        raise FlexCacheFull(
+            f"the compiled FlexAttention already holds {MAX_COMPILED_GRAPHS} graphs in this process (one "
+            f"per input shape, dtype and mask) and this call (q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"{str(q.dtype).replace('torch.', '')}) needs a new one; past that limit torch would run "
+            "FlexAttention unfused with O(Nq·Nk) memory. Use backend='torch' or 'auto' (which now "
+            "skips flex), or raise sla.backends.flex.MAX_COMPILED_GRAPHS."
+        ) from None
+
+
+def cache_full_reason() -> str | None:
+    """Why ``auto`` should not pick Flex any more in this process (None: it may)."""
+    if _FULL_AT is not None and MAX_COMPILED_GRAPHS <= _FULL_AT:
+        return f"its compiled graphs reached MAX_COMPILED_GRAPHS ({_FULL_AT}) in this process"
+    return None
 
 
 def flex_prefer_cuda(call, params) -> str | None:
     """``auto`` uses Flex on CUDA only: on CPU the tiled PyTorch path was measured faster."""
+    full = cache_full_reason()
+    if full:
+        return full
     if call.device != "cuda":
         return "auto prefers the tiled torch path on CPU (measured faster; see docs/sparse.md)"
     if max(call.nq, call.nk) < 1024:
