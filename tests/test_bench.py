@@ -72,6 +72,7 @@ def test_variant_spec_parsing():
     with pytest.raises(ParameterError, match="key=value"):
         parse_variant_spec("additive:32")
     assert parse_seq_lens("1k,2K,512") == [1024, 2048, 512]
+    assert parse_seq_lens("256,1k,256,1024") == [256, 1024]  # each length measured once
     with pytest.raises(ParameterError, match="4x"):
         parse_seq_lens("4x")
 

@@ -153,7 +153,8 @@ def parse_seq_lens(text: str | list) -> list[int]:
     items = text if isinstance(text, list) else [t for t in str(text).split(",") if t.strip()]
     if not items:
         raise ParameterError(f"expected a comma-separated list of sequence lengths, got {text!r}")
-    return [parse_seq_len(t) for t in items]
+    # Repeats ("1k,1024") would measure the same point twice and plot it twice: keep the first.
+    return list(dict.fromkeys(parse_seq_len(t) for t in items))
 
 
 def load_study(path: str | os.PathLike) -> dict[str, Any]:
