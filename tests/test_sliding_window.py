@@ -219,3 +219,18 @@ def test_xformers_and_flex_match_torch_path_on_cuda(causal, nq, nk, H, Hkv):
         out = sla.attention(q, k, v, "sliding_window", window=100, causal=causal, backend=backend)
         assert torch.isfinite(out).all(), backend
         assert float(sla.relative_error(out.cpu(), ref)) < 2e-2, backend
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_xformers_bias_we_pass_encodes_the_same_window(causal):
+    # The CUDA kernel cannot run here, but xformers can materialize the bias this library hands
+    # it: its visible entries must be exactly the window of the definition, for square,
+    # cross-attention (both ways) and degenerate shapes — the off-by-one users trip over.
+    pytest.importorskip("xformers")
+    from sparse_linear_attn.backends.xformers_backend import sliding_window_bias
+
+    for nq, nk in [(10, 10), (7, 12), (12, 7), (1, 9), (9, 1)]:
+        for w in (0, 1, 3, 20):
+            bias = sliding_window_bias(w, causal)
+            visible = bias.materialize((nq, nk), dtype=torch.float32, device="cpu") == 0
+            assert torch.equal(visible, window_mask(nq, nk, w, causal)), (nq, nk, w)

@@ -34,6 +34,19 @@ def no_key_padding(call, params) -> str | None:
     return "key_padding_mask is not supported (it would need a dense bias)" if call.key_padding else None
 
 
+def causal_bias():
+    """The bias of causal ``full``: bottom-right aligned lower triangle, key ``j ≤ i + Nk − Nq``."""
+    return xops().fmha.attn_bias.LowerTriangularFromBottomRightMask()
+
+
+def sliding_window_bias(window: int, causal: bool):
+    """The bias of ``sliding_window``: ``LocalAttentionFromBottomRightMask(window_left,
+    window_right)`` lets query ``i`` see key ``j`` iff ``i − window_left ≤ j + (Nq − Nk) ≤ i +
+    window_right``, our bottom-right aligned window with ``window_left = window`` and
+    ``window_right = window`` (``0`` when causal)."""
+    return xops().fmha.attn_bias.LocalAttentionFromBottomRightMask(window_left=window, window_right=0 if causal else window)
+
+
 def full_xformers(q, k, v, *, causal, key_padding_mask, scale, return_weights=False):
     ops = xops()
     H, Hkv = q.shape[1], k.shape[1]
@@ -47,9 +60,7 @@ def full_xformers(q, k, v, *, causal, key_padding_mask, scale, return_weights=Fa
         qx = qx.reshape(B, Nq, Hkv, H // Hkv, D)
         kx = kx[:, :, :, None].expand(B, Nk, Hkv, H // Hkv, D)
         vx = vx[:, :, :, None].expand(B, Nk, Hkv, H // Hkv, vx.shape[-1])
-    bias = None
-    if causal:
-        bias = ops.fmha.attn_bias.LowerTriangularFromBottomRightMask()
+    bias = causal_bias() if causal else None
     out = ops.memory_efficient_attention(qx, kx, vx, attn_bias=bias, scale=scale)
     if H != Hkv:
         out = out.reshape(out.shape[0], out.shape[1], H, out.shape[-1])
@@ -62,12 +73,9 @@ def full_xformers(q, k, v, *, causal, key_padding_mask, scale, return_weights=Fa
 
 
 def sliding_window_xformers(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window):
-    """``sliding_window`` through xformers' local-attention bias (CUDA, fp16/bf16).
-
-    ``LocalAttentionFromBottomRightMask(window_left, window_right)`` lets query ``i`` see key
-    ``j`` iff ``i − window_left ≤ j + (Nq − Nk) ≤ i + window_right``: exactly our bottom-right
-    aligned window with ``window_left = window`` and ``window_right = window`` (``0`` when
-    causal). Queries whose window holds no key get zeros, as everywhere in this library.
+    """``sliding_window`` through xformers' local-attention bias (CUDA, fp16/bf16), see
+    :func:`sliding_window_bias`. Queries whose window holds no key get zeros, as everywhere in
+    this library.
     """
     ops = xops()
     H, Hkv = q.shape[1], k.shape[1]
@@ -79,7 +87,7 @@ def sliding_window_xformers(q, k, v, *, causal, key_padding_mask, scale, return_
         qx = qx.reshape(B, nq, Hkv, H // Hkv, D)
         kx = kx[:, :, :, None].expand(B, nk, Hkv, H // Hkv, D)
         vx = vx[:, :, :, None].expand(B, nk, Hkv, H // Hkv, vx.shape[-1])
-    bias = ops.fmha.attn_bias.LocalAttentionFromBottomRightMask(window_left=window, window_right=right)
+    bias = sliding_window_bias(window, causal)
     out = ops.memory_efficient_attention(qx, kx, vx, attn_bias=bias, scale=scale)
     if H != Hkv:
         out = out.reshape(out.shape[0], nq, H, out.shape[-1])
