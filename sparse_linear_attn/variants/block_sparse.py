@@ -42,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..backends.flex import block_mask_from_layout, cached_block_mask, flex_prefer_cuda, flex_run
 from ..backends.math import dense_attention
+from ..backends.tiles import tile_attention, use_bmm_tiles
 from ..errors import ParameterError, UnknownNameError, unknown_name_message
 from ..inputs import causal_offset, full_visibility
 from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least
@@ -265,14 +266,15 @@ def _diagonal_mask(c: int, bs: int, dtype: torch.dtype, device: torch.device) ->
 
 
 def _group(q, k, v, kpm, rows, counts, cols, *, bs, causal, scale, nq, nk, per_head, mask_kind, fix_empty,
-           diagonal=None, bufs=None):
+           diagonal=None, bufs=None, bmm=False):
     """Attention of one group of rows over their gathered key tiles.
 
     Returns ``(out, qidx)``: ``out (B·g·H', bs, Dv)`` and the rows of ``q.view(-1, bs, D)`` it
     belongs to. Shared layout: ``rows`` are query blocks and all heads run together
     (grouped-query heads share their key tiles, ``H' = H``). Per-head layout: ``rows`` are flat
     ``head·nqb + block`` indices (``H' = 1``). Tiles are gathered with ``index_select`` on whole
-    ``(bs, D)`` tiles, straight into SDPA's layout.
+    ``(bs, D)`` tiles, straight into SDPA's layout. With ``bmm`` (CPU, no grad, float32/64)
+    the attention runs through :func:`tile_attention` instead of SDPA.
     """
     B, H, nqp, D = q.shape
     Hkv, nkp, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -299,8 +301,9 @@ def _group(q, k, v, kpm, rows, counts, cols, *, bs, causal, scale, nq, nk, per_h
     vg = torch.index_select(v.reshape(-1, bs * Dv), 0, kidx, out=vbuf).view(B * g, hk_, c * bs, Dv)
     mask = visible = None
     if mask_kind == "diagonal":
-        # Every tile but the last is wholly visible; the last is the causal diagonal.
-        mask = diagonal if diagonal is not None else _diagonal_mask(c, bs, q.dtype, dev)
+        # Every tile but the last is wholly visible; the last is the causal diagonal. SDPA gets
+        # the (bs, c·bs) row mask; tile_attention adds just the (bs, bs) triangle to the last tile.
+        mask = diagonal if diagonal is not None else _diagonal_mask(1 if bmm else c, bs, q.dtype, dev)
     elif mask_kind == "general":
         ar = torch.arange(bs, device=dev)
         j = (kb[:, :, None] * bs + ar).flatten(1)  # (g, c·bs) key positions
@@ -317,7 +320,18 @@ def _group(q, k, v, kpm, rows, counts, cols, *, bs, causal, scale, nq, nk, per_h
             visible = mask.any(-1, keepdim=True)
             mask = mask | ~visible
         mask = mask.expand(B, g, mask.shape[2], c * bs).reshape(B * g, 1, mask.shape[2], c * bs)
-    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale, enable_gqa=hq_ != hk_)
+    if bmm:
+        # Query heads that share a key/value head are stacked, so each gathered tile is read once.
+        rep, n, L = hq_ // hk_, B * g * hk_, c * bs
+        bias = keep = None
+        if mask_kind == "diagonal":
+            bias = mask if rep == 1 else mask.repeat(rep, 1)
+        elif mask_kind == "general":
+            keep = mask[:, :, None].expand(B * g, hk_, rep, bs, L).reshape(n, rep * bs, L)
+        out = tile_attention(qg.reshape(n, rep * bs, D), kg.reshape(n, L, D), vg.reshape(n, L, Dv),
+                             scale=scale, bias=bias, keep=keep, scores=bufs[2]).view(B * g, hq_, bs, Dv)
+    else:
+        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale, enable_gqa=hq_ != hk_)
     if visible is not None:
         out = out * visible.expand(B, g, bs, 1).reshape(B * g, 1, bs, 1).to(out.dtype)
     return out.reshape(B * g * hq_, bs * Dv), qidx
@@ -354,6 +368,7 @@ def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weigh
     # A query can end up seeing nothing only with padding or a causal offset off the grid.
     fix_empty = kpm is not None or (causal and (off % bs != 0 or nq > nk))
     budget = group_budget(q.device, grad)
+    bmm = use_bmm_tiles(q, grad)
     bufs = None  # gather buffers reused by every group (no autograd only)
     diagonals: dict[int, torch.Tensor] = {}  # additive diagonal masks by row width, built once
     n_rows = len(counts_sorted)
@@ -381,9 +396,10 @@ def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weigh
         rows = order[start:stop]
         gkw = dict(kw, mask_kind=mask_kind, fix_empty=fix_empty)
         if mask_kind == "diagonal" and not grad:
-            if c0 not in diagonals:
-                diagonals[c0] = _diagonal_mask(c0, bs, q.dtype, q.device)
-            gkw["diagonal"] = diagonals[c0]
+            width = 1 if bmm else c0
+            if width not in diagonals:
+                diagonals[width] = _diagonal_mask(width, bs, q.dtype, q.device)
+            gkw["diagonal"] = diagonals[width]
         if grad:
             # Recomputed in backward: the gathered tiles are not kept for the whole sequence.
             piece, qidx = checkpoint(_group, qp, kp, vp, kpm, rows, counts, cols, use_reentrant=False, **gkw)
@@ -391,10 +407,12 @@ def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weigh
             done.append(qidx)
         else:
             if bufs is None:
-                # Tiles gathered per group: within the budget, or one row when a row alone is over.
+                # Tiles gathered per group: within the budget, or one row when a row alone is over;
+                # with bmm, each gathered tile meets a (block_size, block_size) score tile per query head.
                 tiles = max(budget // (bs * max(D, Dv)), max(counts_sorted) * B * (1 if per_head else Hkv))
-                bufs = (qp.new_empty(tiles, bs * D), qp.new_empty(tiles, bs * Dv))
-            piece, qidx = _group(qp, kp, vp, kpm, rows, counts, cols, bufs=bufs, **gkw)
+                scores = qp.new_empty(tiles * bs * bs * (1 if per_head else H // Hkv)) if bmm else None
+                bufs = (qp.new_empty(tiles, bs * D), qp.new_empty(tiles, bs * Dv), scores)
+            piece, qidx = _group(qp, kp, vp, kpm, rows, counts, cols, bufs=bufs, bmm=bmm, **gkw)
             out.index_copy_(0, qidx, piece)
         start = stop
     if grad and pieces:

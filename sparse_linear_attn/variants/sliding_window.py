@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..backends.flex import block_mask_from_layout, cached_block_mask, flex_prefer_cuda, flex_run
 from ..backends.math import dense_attention
+from ..backends.tiles import tile_attention, use_bmm_tiles
 from ..backends.xformers_backend import no_key_padding, sliding_window_xformers
 from ..inputs import causal_offset, full_visibility
 from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least
@@ -119,16 +120,29 @@ def _tile_group(q, k, v, kpm, band, t0, g, *, T, wl, wr, offset, scale):
     return out.transpose(1, 2).reshape(B, H, g * T, Dv)
 
 
-def _interior_group_into(out, q, k, v, band, t0, g, *, T, wl, offset, scale):
+def _interior_group_into(out, q, k, v, band, t0, g, *, T, wl, offset, scale, bias=None):
     """No-grad fast path for tiles whose spans lie inside the sequence: no copies at all.
 
     Tile spans overlap, so they are an ``as_strided`` view of ``k``/``v`` (tiles as the batch
-    dim, stride ``T`` rows), which the SDPA kernel reads in place; output goes straight to ``out``.
+    dim, stride ``T`` rows), read in place; output goes straight to ``out``. With ``bias`` (the
+    band as an additive mask) each head runs through :func:`tile_attention`'s ``bmm``s (CPU,
+    float32/64), else all heads through one SDPA call per batch row.
     """
     B, H = q.shape[:2]
     Hkv, D, Dv = k.shape[1], k.shape[3], v.shape[3]
     L = band.shape[1]
     start = t0 * T + offset - wl
+    if bias is not None:
+        for b in range(B):
+            for h in range(H):
+                kh, vh = k[b, h // (H // Hkv)], v[b, h // (H // Hkv)]
+                ks = kh.as_strided((g, L, D), (T * kh.stride(0), kh.stride(0), kh.stride(1)),
+                                   kh.storage_offset() + start * kh.stride(0))
+                vs = vh.as_strided((g, L, Dv), (T * vh.stride(0), vh.stride(0), vh.stride(1)),
+                                   vh.storage_offset() + start * vh.stride(0))
+                qs = q[b, h, t0 * T:(t0 + g) * T].unflatten(0, (g, T))
+                tile_attention(qs, ks, vs, scale=scale, bias=bias, out=out[b, h, t0 * T:(t0 + g) * T].view(g, T, Dv))
+        return
     for b in range(B):
         kb, vb = k[b], v[b]
         ks = kb.as_strided((g, Hkv, L, D), (T * kb.stride(1), kb.stride(0), kb.stride(1), kb.stride(2)),
@@ -178,9 +192,12 @@ def sliding_window_torch(q, k, v, *, causal, key_padding_mask, scale, return_wei
         ]
         return torch.cat(pieces, dim=2)[:, :, :nq], None
     out = q.new_empty(B, H, nq, Dv)
+    bias = None
+    if use_bmm_tiles(q, grad):
+        bias = torch.zeros(band.shape, dtype=q.dtype, device=q.device).masked_fill_(~band, float("-inf"))
     for t0, g in groups:
         if key_padding_mask is None and first <= t0 and t0 + g <= last:
-            _interior_group_into(out, q, k, v, band, t0, g, T=T, wl=wl, offset=offset, scale=scale)
+            _interior_group_into(out, q, k, v, band, t0, g, T=T, wl=wl, offset=offset, scale=scale, bias=bias)
             continue
         piece = _tile_group(q, k, v, key_padding_mask, band, t0, g, **kw)
         stop = min(nq, (t0 + g) * T)
