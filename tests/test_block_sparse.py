@@ -13,6 +13,7 @@ import torch
 
 import sparse_linear_attn as sla
 from _reference import pattern_attention
+from _trace import LargestTensor
 from sparse_linear_attn.variants import block_sparse as bs_mod
 from sparse_linear_attn.variants.block_sparse import pattern_layout
 
@@ -66,11 +67,13 @@ def test_layout_forward_matches_definition(backend, nq, nk, bs, causal, H, Hkv, 
     torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("blocks", [0, 5])
 @pytest.mark.parametrize("nq,nk,bs,causal,H,Hkv,pad,per_head", CASES)
-def test_many_small_groups_share_buffers(monkeypatch, nq, nk, bs, causal, H, Hkv, pad, per_head):
-    # A tiny group budget splits the rows into many groups of different widths and mask kinds
-    # that reuse one pair of gather buffers (no autograd) or are checkpointed one by one.
-    monkeypatch.setattr(bs_mod, "GROUP_ELEMENTS", 1)
+def test_many_small_groups_share_buffers(monkeypatch, nq, nk, bs, causal, H, Hkv, pad, per_head, blocks):
+    # A small group budget splits the rows into many groups of different widths and mask kinds
+    # (one row each, or about `blocks` key blocks each, so that rows of different widths share a
+    # group) that reuse one set of buffers (no autograd) or are checkpointed one by one.
+    monkeypatch.setattr(bs_mod, "GROUP_ELEMENTS", blocks * 2 * bs * 16 * max(H, Hkv))
     monkeypatch.setattr(bs_mod, "GRAD_GROUP_ELEMENTS", 3 * bs * 16 * H)
     nqb, nkb = -(-nq // bs), -(-nk // bs)
     layout = rand_layout((H, nqb, nkb) if per_head else (nqb, nkb), seed=7, p=0.5)
@@ -100,6 +103,23 @@ def test_causal_uniform_rows_use_one_diagonal_mask(monkeypatch):
         out = sla.attention(q, k, v, "block_sparse", pattern="bigbird", seed=3, block_size=bs, causal=True)
     ref = reference(q, k, v, element_mask(layout, n, n, bs, True))
     torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_never_builds_quadratic_tensors(monkeypatch, grad):
+    # bigbird at N=4096: every tensor any op produces (gathered tiles, score tiles, masks; and
+    # the backward with grad) stays no larger than q itself, far below N×N.
+    monkeypatch.setattr(bs_mod, "GROUP_ELEMENTS", 1 << 15)
+    monkeypatch.setattr(bs_mod, "GRAD_GROUP_ELEMENTS", 1 << 15)
+    B, H, N, D = 1, 2, 4096, 16
+    q, k, v = rand(B, H, H, N, N, D=D, Dv=D)
+    for t in (q, k, v):
+        t.requires_grad_(grad)
+    with LargestTensor() as mode:
+        out = sla.attention(q, k, v, "block_sparse", pattern="bigbird", block_size=64, causal=True, backend="torch")
+        if grad:
+            out.sum().backward()
+    assert mode.largest <= B * H * N * D
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -249,3 +269,17 @@ def _call(**params):
 def test_errors_say_what_was_received_and_accepted(params, match):
     with pytest.raises(ValueError, match=match):
         _call(**params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_contiguous_grouped_query_inputs_without_grad(dtype):
+    B, H, Hkv, n, bs = 2, 4, 2, 320, 32
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(B, n, H, 16, generator=g, dtype=dtype).transpose(1, 2)
+    k = torch.randn(B, n, Hkv, 16, generator=g, dtype=dtype).transpose(1, 2)
+    v = torch.randn(B, n, Hkv, 8, generator=g, dtype=dtype).transpose(1, 2)
+    layout = pattern_layout("bigbird", n // bs, n // bs, causal=True, seed=4)
+    out = sla.attention(q, k, v, "block_sparse", pattern="bigbird", seed=4, block_size=bs, causal=True)
+    ref = reference(q, k, v, element_mask(layout, n, n, bs, True))
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(out.double(), ref, **tol)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparse_linear_attn as sla
 from _reference import pattern_attention
+from _trace import LargestTensor
 from sparse_linear_attn.backends.dispatch import select_backend
 from sparse_linear_attn.inputs import make_call
 from sparse_linear_attn.registry import get
@@ -145,30 +145,20 @@ def test_dense_mask_is_the_definition(nq, nk, causal):
                        window_mask(nq, nk, 4, causal))
 
 
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
-def test_never_builds_quadratic_or_whole_band_tensors(monkeypatch):
-    # Every tensor any op produces on the torch path, forward and backward, stays no larger
-    # than q itself: far below N×N and below the whole-sequence N×2w band (B·H·N·2w).
+@pytest.mark.parametrize("grad", [True, False])
+def test_never_builds_quadratic_or_whole_band_tensors(monkeypatch, grad):
+    # Every tensor any op produces on the torch path (forward and backward with grad; the
+    # in-place bmm tiles without) stays no larger than q itself: far below N×N and below the
+    # whole-sequence N×2w band (B·H·N·2w).
     monkeypatch.setattr(sw, "GROUP_ELEMENTS", 1 << 15)
     B, H, N, D, w = 1, 2, 4096, 16, 64
     q, k, v = rand(B, H, H, N, N, D=D, Dv=D)
     for t in (q, k, v):
-        t.requires_grad_(True)
-    with _LargestTensor() as mode:
+        t.requires_grad_(grad)
+    with LargestTensor() as mode:
         out = sla.attention(q, k, v, "sliding_window", window=w, causal=False, backend="torch")
-        out.sum().backward()
+        if grad:
+            out.sum().backward()
     assert mode.largest <= B * H * N * D
     assert mode.largest < B * H * N * 2 * w
 
@@ -234,3 +224,19 @@ def test_xformers_bias_we_pass_encodes_the_same_window(causal):
             bias = sliding_window_bias(w, causal)
             visible = bias.materialize((nq, nk), dtype=torch.float32, device="cpu") == 0
             assert torch.equal(visible, window_mask(nq, nk, w, causal)), (nq, nk, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_contiguous_grouped_query_inputs_without_grad(dtype):
+    # (B, N, H, D) tensors viewed as (B, H, N, D), as models often pass them: the in-place
+    # interior tiles read them through their strides, batch by batch and kv head by kv head.
+    B, H, Hkv, n, w = 2, 4, 2, 300, 40
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, n, H, 16, generator=g, dtype=dtype).transpose(1, 2)
+    k = torch.randn(B, n, Hkv, 16, generator=g, dtype=dtype).transpose(1, 2)
+    v = torch.randn(B, n, Hkv, 8, generator=g, dtype=dtype).transpose(1, 2)
+    for causal in (True, False):
+        out = sla.attention(q, k, v, "sliding_window", window=w, causal=causal)
+        ref, _ = reference(q, k, v, window_mask(n, n, w, causal))
+        tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(out.double(), ref, **tol)

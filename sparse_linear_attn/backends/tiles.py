@@ -40,12 +40,15 @@ def tile_attention(
     ``(Tq, Lb)`` added to the last ``Lb ≤ L`` keys of every tile (``-inf`` hides a key).
     ``keep``: bool broadcastable to ``(n, Tq, L)``, False hides a key. Every query must keep at
     least one key. Writes into ``out`` ``(n, Tq, Dv)`` when given; ``scores``, a float buffer of
-    at least ``n·Tq·L`` elements, is used for the scores instead of a new one (a caller looping
+    at least ``n·Tq·L`` elements (else ignored), is used for the scores instead of a new one (a caller looping
     over groups lends the same buffer, which stays in cache). Cost O(n·Tq·L·(D + Dv)) time,
     O(n·Tq·L) memory for the scores.
     """
     n, tq, L = q.shape[0], q.shape[1], k.shape[1]
-    s = q.new_empty(n, tq, L) if scores is None else scores[: n * tq * L].view(n, tq, L)
+    if scores is not None and scores.numel() >= n * tq * L:
+        s = scores[: n * tq * L].view(n, tq, L)
+    else:
+        s = q.new_empty(n, tq, L)
     torch.baddbmm(s, q, k.transpose(1, 2), beta=0, alpha=scale, out=s)  # beta=0: s is only written
     if bias is not None:
         s[:, :, L - bias.shape[-1]:] += bias

@@ -296,7 +296,8 @@ def _group(q, k, v, kpm, rows, counts, cols, *, bs, causal, scale, nq, nk, per_h
     hq_, hk_ = h.shape[-1], hk.shape[-1]
     qg = q.reshape(-1, bs * D).index_select(0, qidx).view(B * g, hq_, bs, D)
     # Without autograd the caller lends reusable buffers: they stay warm in cache.
-    kbuf, vbuf = (bufs[0][:kidx.shape[0]], bufs[1][:kidx.shape[0]]) if bufs is not None else (None, None)
+    fits = bufs is not None and bufs[0].shape[0] >= kidx.shape[0]
+    kbuf, vbuf = (bufs[0][:kidx.shape[0]], bufs[1][:kidx.shape[0]]) if fits else (None, None)
     kg = torch.index_select(k.reshape(-1, bs * D), 0, kidx, out=kbuf).view(B * g, hk_, c * bs, D)
     vg = torch.index_select(v.reshape(-1, bs * Dv), 0, kidx, out=vbuf).view(B * g, hk_, c * bs, Dv)
     mask = visible = None
@@ -329,7 +330,7 @@ def _group(q, k, v, kpm, rows, counts, cols, *, bs, causal, scale, nq, nk, per_h
         elif mask_kind == "general":
             keep = mask[:, :, None].expand(B * g, hk_, rep, bs, L).reshape(n, rep * bs, L)
         out = tile_attention(qg.reshape(n, rep * bs, D), kg.reshape(n, L, D), vg.reshape(n, L, Dv),
-                             scale=scale, bias=bias, keep=keep, scores=bufs[2]).view(B * g, hq_, bs, Dv)
+                             scale=scale, bias=bias, keep=keep, scores=bufs[2] if fits else None).view(B * g, hq_, bs, Dv)
     else:
         out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale, enable_gqa=hq_ != hk_)
     if visible is not None:
@@ -407,9 +408,11 @@ def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weigh
             done.append(qidx)
         else:
             if bufs is None:
-                # Tiles gathered per group: within the budget, or one row when a row alone is over;
-                # with bmm, each gathered tile meets a (block_size, block_size) score tile per query head.
-                tiles = max(budget // (bs * max(D, Dv)), max(counts_sorted) * B * (1 if per_head else Hkv))
+                # Tiles gathered per group: within the budget, or one row when a row alone is over,
+                # and never more than the call needs; with bmm, each gathered tile meets a (block_size, block_size) score tile per query head.
+                # (A group pads its rows to its widest, so all rows at the widest bound any group.)
+                per_row, widest = B * (1 if per_head else Hkv), max(counts_sorted)
+                tiles = min(max(budget // (bs * max(D, Dv)), widest * per_row), (n_rows - start) * widest * per_row)
                 scores = qp.new_empty(tiles * bs * bs * (1 if per_head else H // Hkv)) if bmm else None
                 bufs = (qp.new_empty(tiles, bs * D), qp.new_empty(tiles, bs * Dv), scores)
             piece, qidx = _group(qp, kp, vp, kpm, rows, counts, cols, bufs=bufs, bmm=bmm, **gkw)
