@@ -26,7 +26,9 @@ v ``(B, Hkv, Nk, Dv)``.
 Cost of the ``torch`` backend: O(B·H·nnz_blocks·block_size²·D) time. Query blocks are sorted
 by how many key blocks they see and processed in bounded groups; each group gathers only its
 active key tiles (:func:`group_budget` elements at a time), so memory never holds an ``Nq×Nk``
-tensor.
+tensor. The attention of a group runs through SDPA, or, on CPU without grad in float32/64,
+through :func:`~sparse_linear_attn.backends.tiles.tile_attention` with buffers reused by every
+group.
 """
 
 from __future__ import annotations

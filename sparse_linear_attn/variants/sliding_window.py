@@ -12,13 +12,15 @@ window of ``window`` sees ``window + 1`` keys (itself and ``window`` before it).
 
 Cost of the ``torch`` backend: O(B·H·Nq·(T + window·(1 or 2))·D) time with query tiles of
 ``T = TILE`` rows (``TILE_GRAD`` with grad), and working memory bounded by tiling: tile ``t``
-sees one contiguous key span of ``T + window_left + window_right`` keys, and tiles run through
-SDPA a bounded group at a time, so neither an ``Nq×Nk`` nor a whole-sequence ``Nq×2·window``
-score tensor exists. The band mask ``(T, span)`` is the same for every tile, so it is built
-once and broadcast; the fused SDPA kernel does the softmax. Without grad, interior tiles read
-k/v in place (overlapping ``as_strided`` spans); with grad, each group copies its spans
-(``unfold``, bounded by ``GROUP_ELEMENTS``) and is recomputed in backward. Only tiles at the
-sequence edges, and calls with a key padding mask, need a per-tile mask.
+sees one contiguous key span of ``T + window_left + window_right`` keys, and tiles run a
+bounded group at a time, so neither an ``Nq×Nk`` nor a whole-sequence ``Nq×2·window`` score
+tensor exists. The band mask ``(T, span)`` is the same for every tile, so it is built once and
+broadcast. Without grad, interior tiles read k/v in place (overlapping ``as_strided`` spans);
+on CPU in float32/64 they run through :func:`~sparse_linear_attn.backends.tiles.tile_attention`
+(``baddbmm → softmax → bmm`` per head, written straight into the output), elsewhere through
+SDPA. With grad, each group copies its spans (``unfold``, bounded by ``GROUP_ELEMENTS``), runs
+SDPA and is recomputed in backward. Only tiles at the sequence edges, and calls with a key
+padding mask, need a per-tile mask (and run through SDPA).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from ..backends.xformers_backend import no_key_padding, sliding_window_xformers
 from ..inputs import causal_offset, full_visibility
 from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least
 
-#: Query rows per tile without grad (k/v read in place): 32 measured ~5% faster than 64 on a
+#: Query rows per tile without grad (k/v read in place): 32 measured 3-5% faster than 64 on a
 #: 2-core AVX-512 CPU (16..256 tried). With grad, spans are copied, and 64 copies less.
 TILE = 32
 TILE_GRAD = 64
