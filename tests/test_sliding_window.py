@@ -240,3 +240,13 @@ def test_non_contiguous_grouped_query_inputs_without_grad(dtype):
         ref, _ = reference(q, k, v, window_mask(n, n, w, causal))
         tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-6, rtol=1e-5)
         torch.testing.assert_close(out.double(), ref, **tol)
+
+
+@pytest.mark.parametrize("score_elements", [1, 3 * 32 * 72])
+def test_score_buffer_smaller_than_a_group(monkeypatch, score_elements):
+    # The bmm tiles of a group run a few (or one) at a time through one reused score buffer.
+    monkeypatch.setattr(sw, "SCORE_ELEMENTS", score_elements)
+    q, k, v = rand(2, 2, 1, 400, 400, seed=9)
+    out = sla.attention(q, k, v, "sliding_window", window=40, causal=True)
+    ref, _ = reference(q, k, v, window_mask(400, 400, 40, True))
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)

@@ -36,13 +36,12 @@ def tile_attention(
     """``softmax(q·kᵀ·scale + bias)·v`` for ``n`` tiles at once.
 
     q ``(n, Tq, D)``, k ``(n, L, D)``, v ``(n, L, Dv)`` — any strides a ``bmm`` accepts, so
-    overlapping ``as_strided`` key spans are read in place. ``bias``: additive float ``(Tq, L)``
-    ``(Tq, Lb)`` added to the last ``Lb ≤ L`` keys of every tile (``-inf`` hides a key).
-    ``keep``: bool broadcastable to ``(n, Tq, L)``, False hides a key. Every query must keep at
-    least one key. Writes into ``out`` ``(n, Tq, Dv)`` when given; ``scores``, a float buffer of
-    at least ``n·Tq·L`` elements (else ignored), is used for the scores instead of a new one (a caller looping
-    over groups lends the same buffer, which stays in cache). Cost O(n·Tq·L·(D + Dv)) time,
-    O(n·Tq·L) memory for the scores.
+    overlapping ``as_strided`` key spans are read in place. ``bias``: additive float ``(Tq, Lb)``
+    added to the last ``Lb ≤ L`` keys of every tile (``-inf`` hides a key). ``keep``: bool
+    broadcastable to ``(n, Tq, L)``, False hides a key. Every query must keep at least one key.
+    Writes into ``out`` ``(n, Tq, Dv)`` when given. ``scores``: a float buffer used for the
+    scores when it holds at least ``n·Tq·L`` elements (a caller looping over groups lends the
+    same one, which stays in cache). Cost O(n·Tq·L·(D + Dv)) time, O(n·Tq·L) memory.
     """
     n, tq, L = q.shape[0], q.shape[1], k.shape[1]
     if scores is not None and scores.numel() >= n * tq * L:

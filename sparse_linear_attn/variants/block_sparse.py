@@ -364,14 +364,16 @@ def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weigh
         kpm = F.pad(kpm, (0, nkb * bs - nk), value=True)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     kw = dict(bs=bs, causal=causal, scale=scale, nq=nq, nk=nk, per_head=per_head)
-    # Elements gathered per key block of one row: k and v tiles (all kv heads when shared).
-    per_block = B * bs * max(D, Dv) * (1 if per_head else max(H, Hkv))
+    budget = group_budget(q.device, grad)
+    bmm = use_bmm_tiles(q, grad)
+    # Elements per key block of one row: its k and v tiles (all kv heads when shared) and, with
+    # bmm, its (bs, bs) score tiles (all query heads); the budget bounds the largest of them.
+    tile_dim = max(D, Dv, bs if bmm else 0)
+    per_block = B * bs * tile_dim * (1 if per_head else max(H, Hkv))
     off = causal_offset(nq, nk)
     ragged = nk % bs != 0
     # A query can end up seeing nothing only with padding or a causal offset off the grid.
     fix_empty = kpm is not None or (causal and (off % bs != 0 or nq > nk))
-    budget = group_budget(q.device, grad)
-    bmm = use_bmm_tiles(q, grad)
     bufs = None  # gather buffers reused by every group (no autograd only)
     diagonals: dict[int, torch.Tensor] = {}  # additive diagonal masks by row width, built once
     n_rows = len(counts_sorted)
@@ -399,10 +401,10 @@ def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weigh
         rows = order[start:stop]
         gkw = dict(kw, mask_kind=mask_kind, fix_empty=fix_empty)
         if mask_kind == "diagonal" and not grad:
-            width = 1 if bmm else c0
-            if width not in diagonals:
-                diagonals[width] = _diagonal_mask(width, bs, q.dtype, q.device)
-            gkw["diagonal"] = diagonals[width]
+            mask_tiles = 1 if bmm else c0
+            if mask_tiles not in diagonals:
+                diagonals[mask_tiles] = _diagonal_mask(mask_tiles, bs, q.dtype, q.device)
+            gkw["diagonal"] = diagonals[mask_tiles]
         if grad:
             # Recomputed in backward: the gathered tiles are not kept for the whole sequence.
             piece, qidx = checkpoint(_group, qp, kp, vp, kpm, rows, counts, cols, use_reentrant=False, **gkw)
@@ -410,11 +412,12 @@ def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weigh
             done.append(qidx)
         else:
             if bufs is None:
-                # Tiles gathered per group: within the budget, or one row when a row alone is over,
-                # and never more than the call needs; with bmm, each gathered tile meets a (block_size, block_size) score tile per query head.
-                # (A group pads its rows to its widest, so all rows at the widest bound any group.)
+                # Tiles gathered per group: within the budget, or one row when a row alone is
+                # over, and never more than the call can need (a group pads its rows to its
+                # widest, so every row at the widest bounds any group). With bmm, each gathered
+                # tile meets one (bs, bs) score tile per query head sharing it.
                 per_row, widest = B * (1 if per_head else Hkv), max(counts_sorted)
-                tiles = min(max(budget // (bs * max(D, Dv)), widest * per_row), (n_rows - start) * widest * per_row)
+                tiles = min(max(budget // (bs * tile_dim), widest * per_row), (n_rows - start) * widest * per_row)
                 scores = qp.new_empty(tiles * bs * bs * (1 if per_head else H // Hkv)) if bmm else None
                 bufs = (qp.new_empty(tiles, bs * D), qp.new_empty(tiles, bs * Dv), scores)
             piece, qidx = _group(qp, kp, vp, kpm, rows, counts, cols, bufs=bufs, bmm=bmm, **gkw)

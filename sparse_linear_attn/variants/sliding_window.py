@@ -42,6 +42,8 @@ TILE = 32
 TILE_GRAD = 64
 #: Elements of the gathered key (and value) copies built at once; bounds working memory.
 GROUP_ELEMENTS = 1 << 23
+#: Score elements of one ``tile_attention`` call (one head, some tiles), in one reused buffer.
+SCORE_ELEMENTS = 1 << 19
 
 
 def sliding_window_mask(nq: int, nk: int, *, causal: bool = False, window: int = 256) -> torch.Tensor:
@@ -122,13 +124,14 @@ def _tile_group(q, k, v, kpm, band, t0, g, *, T, wl, wr, offset, scale):
     return out.transpose(1, 2).reshape(B, H, g * T, Dv)
 
 
-def _interior_group_into(out, q, k, v, band, t0, g, *, T, wl, offset, scale, bias=None):
+def _interior_group_into(out, q, k, v, band, t0, g, *, T, wl, offset, scale, bias=None, scores=None):
     """No-grad fast path for tiles whose spans lie inside the sequence: no copies at all.
 
     Tile spans overlap, so they are an ``as_strided`` view of ``k``/``v`` (tiles as the batch
     dim, stride ``T`` rows), read in place; output goes straight to ``out``. With ``bias`` (the
     band as an additive mask) each head runs through :func:`tile_attention`'s ``bmm``s (CPU,
-    float32/64), else all heads through one SDPA call per batch row.
+    float32/64), as many tiles at a time as the ``scores`` buffer holds; else all heads through
+    one SDPA call per batch row.
     """
     B, H = q.shape[:2]
     Hkv, D, Dv = k.shape[1], k.shape[3], v.shape[3]
@@ -143,7 +146,11 @@ def _interior_group_into(out, q, k, v, band, t0, g, *, T, wl, offset, scale, bia
                 vs = vh.as_strided((g, L, Dv), (T * vh.stride(0), vh.stride(0), vh.stride(1)),
                                    vh.storage_offset() + start * vh.stride(0))
                 qs = q[b, h, t0 * T:(t0 + g) * T].unflatten(0, (g, T))
-                tile_attention(qs, ks, vs, scale=scale, bias=bias, out=out[b, h, t0 * T:(t0 + g) * T].view(g, T, Dv))
+                outs = out[b, h, t0 * T:(t0 + g) * T].view(g, T, Dv)
+                step = max(1, scores.numel() // (T * L))
+                for i in range(0, g, step):
+                    j = min(g, i + step)
+                    tile_attention(qs[i:j], ks[i:j], vs[i:j], scale=scale, bias=bias, out=outs[i:j], scores=scores)
         return
     for b in range(B):
         kb, vb = k[b], v[b]
@@ -194,12 +201,14 @@ def sliding_window_torch(q, k, v, *, causal, key_padding_mask, scale, return_wei
         ]
         return torch.cat(pieces, dim=2)[:, :, :nq], None
     out = q.new_empty(B, H, nq, Dv)
-    bias = None
+    bias = scores = None
     if use_bmm_tiles(q, grad):
         bias = torch.zeros(band.shape, dtype=q.dtype, device=q.device).masked_fill_(~band, float("-inf"))
+        scores = q.new_empty(max(1, min(group, SCORE_ELEMENTS // (T * L))) * T * L)
     for t0, g in groups:
         if key_padding_mask is None and first <= t0 and t0 + g <= last:
-            _interior_group_into(out, q, k, v, band, t0, g, T=T, wl=wl, offset=offset, scale=scale, bias=bias)
+            _interior_group_into(out, q, k, v, band, t0, g, T=T, wl=wl, offset=offset, scale=scale,
+                                 bias=bias, scores=scores)
             continue
         piece = _tile_group(q, k, v, key_padding_mask, band, t0, g, **kw)
         stop = min(nq, (t0 + g) * T)
