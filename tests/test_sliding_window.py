@@ -151,6 +151,7 @@ def test_never_builds_quadratic_or_whole_band_tensors(monkeypatch, grad):
     # in-place bmm tiles without) stays no larger than q itself: far below N×N and below the
     # whole-sequence N×2w band (B·H·N·2w).
     monkeypatch.setattr(sw, "GROUP_ELEMENTS", 1 << 15)
+    monkeypatch.setattr(sw, "SCORE_ELEMENTS", 1 << 15)
     B, H, N, D, w = 1, 2, 4096, 16, 64
     q, k, v = rand(B, H, H, N, N, D=D, Dv=D)
     for t in (q, k, v):

@@ -201,14 +201,17 @@ def sliding_window_torch(q, k, v, *, causal, key_padding_mask, scale, return_wei
         ]
         return torch.cat(pieces, dim=2)[:, :, :nq], None
     out = q.new_empty(B, H, nq, Dv)
-    bias = scores = None
-    if use_bmm_tiles(q, grad):
+    if use_bmm_tiles(q, grad) and key_padding_mask is None and last > first:
+        # bmm tiles go head by head, so they take the whole interior at once (in score-buffer
+        # sized steps): grouping across heads would multiply the calls by B·H.
         bias = torch.zeros(band.shape, dtype=q.dtype, device=q.device).masked_fill_(~band, float("-inf"))
-        scores = q.new_empty(max(1, min(group, SCORE_ELEMENTS // (T * L))) * T * L)
+        scores = q.new_empty(max(1, min(last - first, SCORE_ELEMENTS // (T * L))) * T * L)
+        _interior_group_into(out, q, k, v, band, first, last - first, T=T, wl=wl, offset=offset, scale=scale,
+                             bias=bias, scores=scores)
+        groups = [(t0, g) for t0, g in groups if not first <= t0 < last]
     for t0, g in groups:
         if key_padding_mask is None and first <= t0 and t0 + g <= last:
-            _interior_group_into(out, q, k, v, band, t0, g, T=T, wl=wl, offset=offset, scale=scale,
-                                 bias=bias, scores=scores)
+            _interior_group_into(out, q, k, v, band, t0, g, T=T, wl=wl, offset=offset, scale=scale)
             continue
         piece = _tile_group(q, k, v, key_padding_mask, band, t0, g, **kw)
         stop = min(nq, (t0 + g) * T)
