@@ -46,3 +46,11 @@ def pattern_attention(q, k, v, mask, key_padding_mask=None, scale=None):
     if key_padding_mask is not None:
         m = m & ~key_padding_mask.cpu()[:, None, None, :]
     return softmax_attention(q, k, v, m, scale=scale)
+
+
+def strided_qkv(B, H, Hkv, n, D=16, Dv=8, dtype=torch.float32, seed=0):
+    """q, k, v made ``(B, N, H, D)`` and viewed as ``(B, H, N, D)``, as models often pass them."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, n, H, D, generator=g, dtype=dtype).transpose(1, 2),
+            torch.randn(B, n, Hkv, D, generator=g, dtype=dtype).transpose(1, 2),
+            torch.randn(B, n, Hkv, Dv, generator=g, dtype=dtype).transpose(1, 2))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import sparse_linear_attn as sla
-from _reference import pattern_attention
+from _reference import pattern_attention, strided_qkv
 from _trace import LargestTensor
 from sparse_linear_attn.variants import block_sparse as bs_mod
 from sparse_linear_attn.variants.block_sparse import pattern_layout
@@ -274,10 +274,7 @@ def test_errors_say_what_was_received_and_accepted(params, match):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_non_contiguous_grouped_query_inputs_without_grad(dtype):
     B, H, Hkv, n, bs = 2, 4, 2, 320, 32
-    g = torch.Generator().manual_seed(6)
-    q = torch.randn(B, n, H, 16, generator=g, dtype=dtype).transpose(1, 2)
-    k = torch.randn(B, n, Hkv, 16, generator=g, dtype=dtype).transpose(1, 2)
-    v = torch.randn(B, n, Hkv, 8, generator=g, dtype=dtype).transpose(1, 2)
+    q, k, v = strided_qkv(B, H, Hkv, n, dtype=dtype, seed=6)
     layout = pattern_layout("bigbird", n // bs, n // bs, causal=True, seed=4)
     out = sla.attention(q, k, v, "block_sparse", pattern="bigbird", seed=4, block_size=bs, causal=True)
     ref = reference(q, k, v, element_mask(layout, n, n, bs, True))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sparse_linear_attn as sla
-from _reference import pattern_attention
+from _reference import pattern_attention, strided_qkv
 from _trace import LargestTensor
 from sparse_linear_attn.backends.dispatch import select_backend
 from sparse_linear_attn.inputs import make_call
@@ -232,10 +232,7 @@ def test_non_contiguous_grouped_query_inputs_without_grad(dtype):
     # (B, N, H, D) tensors viewed as (B, H, N, D), as models often pass them: the in-place
     # interior tiles read them through their strides, batch by batch and kv head by kv head.
     B, H, Hkv, n, w = 2, 4, 2, 300, 40
-    g = torch.Generator().manual_seed(5)
-    q = torch.randn(B, n, H, 16, generator=g, dtype=dtype).transpose(1, 2)
-    k = torch.randn(B, n, Hkv, 16, generator=g, dtype=dtype).transpose(1, 2)
-    v = torch.randn(B, n, Hkv, 8, generator=g, dtype=dtype).transpose(1, 2)
+    q, k, v = strided_qkv(B, H, Hkv, n, dtype=dtype, seed=5)
     for causal in (True, False):
         out = sla.attention(q, k, v, "sliding_window", window=w, causal=causal)
         ref, _ = reference(q, k, v, window_mask(n, n, w, causal))
