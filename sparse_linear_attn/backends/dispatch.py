@@ -91,9 +91,10 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "full": ("torch", "xformers", "math"),
     "dot_product": ("torch", "xformers", "math"),
     # xformers' local-attention kernel on CUDA (no key padding); Flex on CUDA from 1K tokens;
-    # the tiled SDPA path everywhere else (measured faster than compiled Flex on CPU).
+    # the tiled torch path everywhere else (measured faster than compiled Flex on CPU).
     "sliding_window": ("xformers", "flex", "torch", "math"),
-    # Issue 3: on CUDA auto prefers Flex; the tile-gather path runs everywhere.
+    # On CUDA auto prefers Flex; the tile-gather torch path runs everywhere (and, on CPU,
+    # measured faster than compiled Flex).
     "block_sparse": ("flex", "torch", "math"),
     # Chunkwise / sums-once first; the quadratic math form only when weights are asked for.
     "linear": ("torch", "math"),
