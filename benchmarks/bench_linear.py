@@ -9,7 +9,8 @@ memory of one ``linear`` call at most 4× the size of its output.
 
 Timings: every configuration runs in interleaved rounds within one process (so load from
 elsewhere hits all of them), and the best and median times are printed; the ratio uses the
-best of each. ``/proc/pressure/cpu`` (avg10) is printed before and after as a load gauge. Memory is measured in a fresh subprocess that only builds the inputs and runs the one
+best of each. ``/proc/pressure/cpu`` (avg10) is printed before and after as a load gauge.
+Memory is measured in a fresh subprocess that only builds the inputs and runs the one
 call: a thread samples the resident set size (``/proc/self/statm``) every 0.5 ms, and the
 figure reported is ``peak − RSS before the call`` (inputs already allocated). glibc may keep
 freed blocks, so this overstates rather than understates the extra memory.
@@ -120,18 +121,26 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     n, h, d = args.n, args.heads, args.dim
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
     print(f"B=1 H={h} N={n} D={d} float32, {args.repeats} interleaved rounds; CPU pressure {psi()}")
     q, k, v = inputs(n, h, d)
     configs = [
         ("sdpa causal (exact)", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), 1),
         ("linear elu, chunk 64", lambda: sla.attention(q, k, v, "linear", causal=True), 3),
         ("linear relu", lambda: sla.attention(q, k, v, "linear", causal=True, feature_map="relu"), 3),
-        ("performer favor M=64",
-         lambda: sla.attention(q, k, v, "linear", causal=True, feature_map="favor", num_features=64), 2),
-        ("performer favor M=256",
-         lambda: sla.attention(q, k, v, "linear", causal=True, feature_map="favor", num_features=256), 1),
+        (
+            "performer favor M=64",
+            lambda: sla.attention(q, k, v, "linear", causal=True, feature_map="favor", num_features=64),
+            2,
+        ),
+        (
+            "performer favor M=256",
+            lambda: sla.attention(q, k, v, "linear", causal=True, feature_map="favor", num_features=256),
+            1,
+        ),
         ("linear elu non-causal", lambda: sla.attention(q, k, v, "linear", causal=False), 3),
     ]
     times: dict[str, list[float]] = {label: [] for label, _, _ in configs}
@@ -152,13 +161,17 @@ def main(argv=None) -> int:
     for label, t, med in rows:
         print(f"{label:26} {t * 1e3:9.1f} {med * 1e3:10.1f} {t_sdpa / t:18.1f}x")
     elu_ratio = t_sdpa / rows[1][1]
-    print(f"TARGET linear(elu) causal >= 30x faster than SDPA causal at N={n}: {elu_ratio:.1f}x "
-          f"-> {'MET' if elu_ratio >= 30 else 'NOT MET'}")
+    print(
+        f"TARGET linear(elu) causal >= 30x faster than SDPA causal at N={n}: {elu_ratio:.1f}x "
+        f"-> {'MET' if elu_ratio >= 30 else 'NOT MET'}"
+    )
     print(f"CPU pressure after timings: {psi()}")
     mem = measure_memory(args.mem_n, h, d, {})
-    print(f"memory N={args.mem_n}: extra peak RSS {mem['extra_peak_bytes'] / 2**20:.0f} MiB, output "
-          f"{mem['output_bytes'] / 2**20:.0f} MiB, ratio {mem['ratio']:.2f} "
-          f"-> {'MET' if mem['ratio'] <= 4 else 'NOT MET'} (target <= 4x the output)")
+    print(
+        f"memory N={args.mem_n}: extra peak RSS {mem['extra_peak_bytes'] / 2**20:.0f} MiB, output "
+        f"{mem['output_bytes'] / 2**20:.0f} MiB, ratio {mem['ratio']:.2f} "
+        f"-> {'MET' if mem['ratio'] <= 4 else 'NOT MET'} (target <= 4x the output)"
+    )
     return 0
 
 

@@ -65,8 +65,9 @@ def flex_sliding(q, k, v, window):
 
 def flex_layout(q, k, v, layout, block_size):
     """Compiled FlexAttention on the same block layout (``flex`` backend, BlockMask from the layout)."""
-    return lambda: sla.attention(q, k, v, "block_sparse", layout=layout, block_size=block_size, causal=True,
-                                 backend="flex")
+    return lambda: sla.attention(
+        q, k, v, "block_sparse", layout=layout, block_size=block_size, causal=True, backend="flex"
+    )
 
 
 def memory_child(n: int, window: int) -> None:
@@ -90,8 +91,10 @@ def memory_child(n: int, window: int) -> None:
         peak = status("VmHWM")
     out_bytes = out.numel() * out.element_size()
     extra = peak - before
-    print(f"memory N={n}: output {out_bytes / 2**20:.0f} MiB, extra peak RSS {extra / 2**20:.0f} MiB "
-          f"= {extra / out_bytes:.2f}x output, output included (target <= 4)")
+    print(
+        f"memory N={n}: output {out_bytes / 2**20:.0f} MiB, extra peak RSS {extra / 2**20:.0f} MiB "
+        f"= {extra / out_bytes:.2f}x output, output included (target <= 4)"
+    )
 
 
 def main(argv=None) -> int:
@@ -110,39 +113,62 @@ def main(argv=None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} cores"
+    )
     if not args.memory_only:
         torch.manual_seed(0)
         B, H, N, D, w = 1, 8, args.n, 64, args.window
         q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
         with torch.no_grad():
             print(f"B={B} H={H} N={N} D={D} float32 causal window={w}; min of {args.repeats} round-robin runs")
-            fns = {"sliding": lambda: sla.attention(q, k, v, "sliding_window", window=w, causal=True),
-                   "full": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+            fns = {
+                "sliding": lambda: sla.attention(q, k, v, "sliding_window", window=w, causal=True),
+                "full": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            }
             if not args.no_flex:
                 fns["flex"] = flex_sliding(q, k, v, w)
             t = best_times(fns, args.repeats)
             t_full, t_sw = t["full"], t["sliding"]
             print(f"  full causal SDPA        {t_full * 1e3:9.1f} ms")
-            print(f"  sliding_window (auto)   {t_sw * 1e3:9.1f} ms   full/sliding = {t_full / t_sw:5.1f}x (target >= 17)")
+            print(
+                f"  sliding_window (auto)   {t_sw * 1e3:9.1f} ms   full/sliding = {t_full / t_sw:5.1f}x (target >= 17)"
+            )
             if not args.no_flex:
-                print(f"  flex compiled (same)    {t['flex'] * 1e3:9.1f} ms   flex/sliding = {t['flex'] / t_sw:5.2f}x (target >= 1)")
+                print(
+                    f"  flex compiled (same)    {t['flex'] * 1e3:9.1f} ms   "
+                    f"flex/sliding = {t['flex'] / t_sw:5.2f}x (target >= 1)"
+                )
             bs = 64
             layout = resolve_layout(N, N, causal=True, pattern="bigbird", block_size=bs)
             density = float((layout & torch.tril(torch.ones_like(layout))).float().mean())
-            fns = {"bigbird": lambda: sla.attention(q, k, v, "block_sparse", pattern="bigbird", block_size=bs, causal=True)}
+            fns = {
+                "bigbird": lambda: sla.attention(q, k, v, "block_sparse", pattern="bigbird", block_size=bs, causal=True)
+            }
             if not args.no_flex:
                 fns["flex"] = flex_layout(q, k, v, layout, bs)
             t = best_times(fns, args.repeats)
-            print(f"  block_sparse bigbird bs=64 (auto) {t['bigbird'] * 1e3:9.1f} ms   (causal block density {density:.3f})")
+            print(
+                f"  block_sparse bigbird bs=64 (auto) {t['bigbird'] * 1e3:9.1f} ms   "
+                f"(causal block density {density:.3f})"
+            )
             if not args.no_flex:
-                print(f"  flex compiled (same layout)       {t['flex'] * 1e3:9.1f} ms   "
-                      f"flex/block_sparse = {t['flex'] / t['bigbird']:5.2f}x (target >= 1)")
+                print(
+                    f"  flex compiled (same layout)       {t['flex'] * 1e3:9.1f} ms   "
+                    f"flex/block_sparse = {t['flex'] / t['bigbird']:5.2f}x (target >= 1)"
+                )
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    cmd = [sys.executable, os.path.abspath(__file__), "--_memory-child", "--memory-n", str(args.memory_n),
-           "--window", str(args.window)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_memory-child",
+        "--memory-n",
+        str(args.memory_n),
+        "--window",
+        str(args.window),
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     print("  " + (res.stdout.strip() or res.stderr.strip()[-2000:]))
     return 0

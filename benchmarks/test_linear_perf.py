@@ -35,8 +35,7 @@ def qkv():
 def test_sdpa_causal(benchmark, qkv):
     q, k, v = qkv
     with torch.no_grad():
-        benchmark.pedantic(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                           rounds=2, warmup_rounds=1)
+        benchmark.pedantic(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), rounds=2, warmup_rounds=1)
 
 
 @pytest.mark.benchmark(group="causal-16k")
@@ -51,8 +50,9 @@ def test_linear_elu_causal(benchmark, qkv):
 def test_performer_causal(benchmark, qkv):
     q, k, v = qkv
     with torch.no_grad():
-        benchmark.pedantic(lambda: sla.attention(q, k, v, "performer", causal=True, num_features=256),
-                           rounds=3, warmup_rounds=1)
+        benchmark.pedantic(
+            lambda: sla.attention(q, k, v, "performer", causal=True, num_features=256), rounds=3, warmup_rounds=1
+        )
 
 
 @pytest.mark.benchmark(group="causal-16k-train")

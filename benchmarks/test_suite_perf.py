@@ -49,9 +49,17 @@ def test_forward(benchmark, family, n, causal):
             torch.cuda.synchronize()
         return out
 
-    counted = count_flops(family, params, batch=B, heads=H, nq=n, nk=n, head_dim=D, v_dim=D,
-                          causal=causal, backward=False)
-    benchmark.extra_info.update(variant=family, params=params, n=n, causal=causal, device=str(DEVICE),
-                                flops=counted["flops"], flops_method=counted["flops_method"])
+    counted = count_flops(
+        family, params, batch=B, heads=H, nq=n, nk=n, head_dim=D, v_dim=D, causal=causal, backward=False
+    )
+    benchmark.extra_info.update(
+        variant=family,
+        params=params,
+        n=n,
+        causal=causal,
+        device=str(DEVICE),
+        flops=counted["flops"],
+        flops_method=counted["flops_method"],
+    )
     out = benchmark.pedantic(run, rounds=5, warmup_rounds=1, iterations=1)
     assert out.shape == (B, H, n, D) and torch.isfinite(out).all()

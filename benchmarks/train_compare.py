@@ -37,8 +37,15 @@ import sparse_linear_attn as sla
 DEFAULTS: dict[str, Any] = {
     "task": {"seq_len": 128, "num_pairs": 8, "num_keys": 32, "num_values": 16},
     "model": {"layers": 2, "d_model": 64, "heads": 4, "ffn": 128, "positional": None, "causal": False},
-    "train": {"steps": 300, "batch_size": 32, "lr": 3e-3, "eval_samples": 1024, "seed": 0, "threads": 1,
-              "device": "cpu"},
+    "train": {
+        "steps": 300,
+        "batch_size": 32,
+        "lr": 3e-3,
+        "eval_samples": 1024,
+        "seed": 0,
+        "threads": 1,
+        "device": "cpu",
+    },
     "variants": [{"variant": "full"}],
 }
 
@@ -47,8 +54,9 @@ DEFAULTS: dict[str, Any] = {
 # Task
 
 
-def associative_recall(batch: int, seq_len: int, num_pairs: int, num_keys: int, num_values: int,
-                       generator: torch.Generator):
+def associative_recall(
+    batch: int, seq_len: int, num_pairs: int, num_keys: int, num_values: int, generator: torch.Generator
+):
     """``keys, values (B, seq_len)`` int64 and ``target (B,)``.
 
     ``num_pairs`` (key, value) pairs with distinct keys sit at random positions among
@@ -81,8 +89,7 @@ class Block(nn.Module):
     def __init__(self, d_model: int, heads: int, ffn: int, attention: dict, positional: str | None):
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model)
-        self.attn = sla.MultiheadAttention(d_model, heads, batch_first=True, attention=attention,
-                                           positional=positional)
+        self.attn = sla.MultiheadAttention(d_model, heads, batch_first=True, attention=attention, positional=positional)
         self.norm2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, ffn), nn.GELU(), nn.Linear(ffn, d_model))
 
@@ -99,8 +106,7 @@ class TinyTransformer(nn.Module):
         self.key_emb = nn.Embedding(task["num_keys"] + 1, d)  # + filler
         self.val_emb = nn.Embedding(task["num_values"] + 2, d)  # + query marker, filler
         self.blocks = nn.ModuleList(
-            Block(d, model["heads"], model["ffn"], attention, model.get("positional"))
-            for _ in range(model["layers"])
+            Block(d, model["heads"], model["ffn"], attention, model.get("positional")) for _ in range(model["layers"])
         )
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, task["num_values"])
@@ -164,11 +170,12 @@ def train_one(attention: dict, cfg: dict) -> dict:
     correct, total = 0, 0
     with torch.no_grad():
         while total < tr["eval_samples"]:
-            k, v, y = (t.to(device) for t in associative_recall(min(256, tr["eval_samples"] - total), **task,
-                                                                 generator=egen))
+            k, v, y = (
+                t.to(device) for t in associative_recall(min(256, tr["eval_samples"] - total), **task, generator=egen)
+            )
             correct += int((model(k, v).argmax(-1) == y).sum())
             total += len(y)
-    warm = step_times[min(5, len(step_times) - 1):]
+    warm = step_times[min(5, len(step_times) - 1) :]
     return {
         "accuracy": correct / total,
         "final_loss": statistics.fmean(losses[-20:]),
@@ -228,11 +235,13 @@ def check_variant(attention: dict, cfg: dict) -> str | None:
     combination the layer refuses — found before spending a subprocess on it."""
     name = attention.get("variant")
     if name not in sla.available_variants():
-        return f"skipped: variant {name!r} is not registered in this checkout (known: {', '.join(sla.available_variants())})"
+        known = ", ".join(sla.available_variants())
+        return f"skipped: variant {name!r} is not registered in this checkout (known: {known})"
     try:
         m = cfg["model"]
-        sla.MultiheadAttention(m["d_model"], m["heads"], batch_first=True, attention=attention,
-                               positional=m.get("positional"))
+        sla.MultiheadAttention(
+            m["d_model"], m["heads"], batch_first=True, attention=attention, positional=m.get("positional")
+        )
     except Exception as e:
         return f"skipped: {type(e).__name__}: {e}"
     return None
@@ -241,15 +250,19 @@ def check_variant(attention: dict, cfg: dict) -> str | None:
 def table(rows: list[dict], cfg: dict) -> str:
     t = cfg["task"]
     chance = 1.0 / t["num_values"]
-    head = (f"associative recall, seq_len={t['seq_len']}, {t['num_values']} values (chance {chance:.3f}); "
-            f"{cfg['model']['layers']} layers, d_model={cfg['model']['d_model']}, heads={cfg['model']['heads']}, "
-            f"{cfg['train']['steps']} steps × batch {cfg['train']['batch_size']} on {cfg['train']['device']}\n\n")
+    head = (
+        f"associative recall, seq_len={t['seq_len']}, {t['num_values']} values (chance {chance:.3f}); "
+        f"{cfg['model']['layers']} layers, d_model={cfg['model']['d_model']}, heads={cfg['model']['heads']}, "
+        f"{cfg['train']['steps']} steps × batch {cfg['train']['batch_size']} on {cfg['train']['device']}\n\n"
+    )
     lines = ["| variant | accuracy | final loss | ms/step | peak MiB | note |", "|---|---:|---:|---:|---:|---|"]
     for r in rows:
         if r["status"] == "ok":
             m = r["result"]
-            lines.append(f"| {r['label']} | {m['accuracy']:.3f} | {m['final_loss']:.3f} | {m['ms_per_step']:.1f} | "
-                         f"{m['peak_mib']:.1f} | |")
+            lines.append(
+                f"| {r['label']} | {m['accuracy']:.3f} | {m['final_loss']:.3f} | {m['ms_per_step']:.1f} | "
+                f"{m['peak_mib']:.1f} | |"
+            )
         else:
             lines.append(f"| {r['label']} | – | – | – | – | {r['result']} |")
     return head + "\n".join(lines)
@@ -268,8 +281,11 @@ def plot(rows: list[dict], cfg: dict, path: Path) -> str | None:
         return "nothing to plot"
     names = [r["label"] for r in ok]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, key, title in zip(axes, ("accuracy", "ms_per_step", "peak_mib"),
-                              ("accuracy (held-out)", "time per step (ms)", "peak memory (MiB)")):
+    for ax, key, title in zip(
+        axes,
+        ("accuracy", "ms_per_step", "peak_mib"),
+        ("accuracy (held-out)", "time per step (ms)", "peak memory (MiB)"),
+    ):
         ax.bar(range(len(ok)), [r["result"][key] for r in ok], color="tab:blue")
         ax.set_xticks(range(len(ok)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(title)
@@ -314,12 +330,14 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         status, result = run_variant(attention, cfg, subprocess=not args.no_subprocess)
         rows.append({"label": name, "attention": attention, "status": status, "result": result})
-        summary = (f"acc {result['accuracy']:.3f}, {result['ms_per_step']:.1f} ms/step" if status == "ok" else result)
+        summary = f"acc {result['accuracy']:.3f}, {result['ms_per_step']:.1f} ms/step" if status == "ok" else result
         print(f"{name}: {summary}  [{time.perf_counter() - t0:.0f} s]", file=sys.stderr)
     text = table(rows, cfg)
     print(text)
     (out / "results.md").write_text(text + "\n", encoding="utf-8")
-    (out / "results.json").write_text(json.dumps({"config": cfg, "rows": rows}, indent=2, default=str), encoding="utf-8")
+    (out / "results.json").write_text(
+        json.dumps({"config": cfg, "rows": rows}, indent=2, default=str), encoding="utf-8"
+    )
     note = plot(rows, cfg, out / "train_compare.png")
     print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}" + ("" if note else f", {out / 'train_compare.png'}"))
     if note:

@@ -62,7 +62,17 @@ def _empty_result(q, k, v, return_weights):
 
 def _run(
     spec: registry.VariantSpec,
-    q, k, v, *, causal, key_padding_mask, scale, return_weights, backend, params, module=None,
+    q,
+    k,
+    v,
+    *,
+    causal,
+    key_padding_mask,
+    scale,
+    return_weights,
+    backend,
+    params,
+    module=None,
 ):
     causal = _check_causal(causal)
     check_inputs(q, k, v, key_padding_mask)
@@ -83,8 +93,9 @@ def _run(
             if return_weights:
                 return module(q, k, v, return_weights=True, **kwargs)
             return module(q, k, v, **kwargs)
-        return module(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-                      return_weights=return_weights)
+        return module(
+            q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, return_weights=return_weights
+        )
     name = select_backend(spec, call, params, backend)
     kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale, return_weights=return_weights)
     try:
@@ -149,8 +160,19 @@ def attention(
     else:
         module = None
     resolved = spec.resolve_params(params)
-    return _run(spec, q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-                return_weights=return_weights, backend=backend, params=resolved, module=module)
+    return _run(
+        spec,
+        q,
+        k,
+        v,
+        causal=causal,
+        key_padding_mask=key_padding_mask,
+        scale=scale,
+        return_weights=return_weights,
+        backend=backend,
+        params=resolved,
+        module=module,
+    )
 
 
 class AttentionModule(nn.Module):
@@ -186,9 +208,19 @@ class AttentionModule(nn.Module):
 
     def forward(self, q, k, v, *, key_padding_mask=None, return_weights=False):
         c = self.config
-        return _run(self.spec, q, k, v, causal=c.causal, key_padding_mask=key_padding_mask,
-                    scale=c.scale, return_weights=return_weights, backend=c.backend,
-                    params=self.params, module=self.impl)
+        return _run(
+            self.spec,
+            q,
+            k,
+            v,
+            causal=c.causal,
+            key_padding_mask=key_padding_mask,
+            scale=c.scale,
+            return_weights=return_weights,
+            backend=c.backend,
+            params=self.params,
+            module=self.impl,
+        )
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())

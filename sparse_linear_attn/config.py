@@ -49,7 +49,7 @@ class AttentionConfig:
             raise ParameterError(f"{clash} are common config keys, not variant parameters")
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> "AttentionConfig":
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> AttentionConfig:
         if not isinstance(mapping, Mapping):
             raise ParameterError(f"an attention config must be a mapping, got {type(mapping).__name__}")
         m = dict(mapping)
@@ -105,7 +105,7 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return dict(data)
 
 
-def to_config(config: "AttentionConfig | Mapping[str, Any] | str | os.PathLike") -> AttentionConfig:
+def to_config(config: AttentionConfig | Mapping[str, Any] | str | os.PathLike) -> AttentionConfig:
     """Normalise anything ``sla.build`` accepts into an :class:`AttentionConfig`."""
     if isinstance(config, AttentionConfig):
         return config

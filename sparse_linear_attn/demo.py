@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             out = layer(q, k, v)
             ms = (time.perf_counter() - t0) * 1e3
-        ref = exact if name != "dot_product" else sla.attention(q, k, v, "dot_product", causal=args.causal, backend="math")
+        ref = (
+            exact
+            if name != "dot_product"
+            else sla.attention(q, k, v, "dot_product", causal=args.causal, backend="math")
+        )
         err = float(sla.relative_error(out, ref))
         note = "" if info.exact else "  (approximation / different score)"
         print(f"{name:16} {str(info.exact):>5} {info.cost:>16} {ms:9.1f} {err:11.2e}{note}")

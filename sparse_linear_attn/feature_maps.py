@@ -253,7 +253,9 @@ def register_feature_map(
             fmap = obj
             fmap.name = name
         elif callable(obj):
-            fmap = _FunctionMap(name, obj, doc or (inspect.getdoc(obj) or "").split("\n")[0] or "user feature map", None)
+            fmap = _FunctionMap(
+                name, obj, doc or (inspect.getdoc(obj) or "").split("\n")[0] or "user feature map", None
+            )
         else:
             raise TypeError(
                 f"register_feature_map expects a function or a FeatureMap instance, got {type(obj).__name__}"

@@ -48,23 +48,17 @@ def check_inputs(
         if not isinstance(t, torch.Tensor):
             raise ShapeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ShapeError(
-                f"{name} must have 4 dims (batch, heads, seq, head_dim), got shape {tuple(t.shape)}"
-            )
+            raise ShapeError(f"{name} must have 4 dims (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise ShapeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise ShapeError(
-            f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}"
-        )
+        raise ShapeError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ShapeError(
-            f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}"
-        )
+        raise ShapeError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
     B, H, Nq, D = q.shape
     Bk, Hkv, Nk, Dk = k.shape
     Bv, Hv, Nv, Dv = v.shape
-    expected = f"expected q (B, H, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) with H % Hkv == 0"
+    expected = "expected q (B, H, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) with H % Hkv == 0"
     got = f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if not (B == Bk == Bv):
         raise ShapeError(f"batch sizes differ: {got}; {expected}")
@@ -90,9 +84,7 @@ def check_inputs(
                 f"key_padding_mask must have shape (B, Nk) = ({B}, {Nk}), got {tuple(key_padding_mask.shape)}"
             )
         if key_padding_mask.device != q.device:
-            raise ShapeError(
-                f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}"
-            )
+            raise ShapeError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
 
 
 def make_call(q, k, v, *, causal: bool, key_padding_mask, return_weights: bool) -> Call:

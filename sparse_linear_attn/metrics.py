@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 
 
-def relative_error(
-    approx: torch.Tensor, exact: torch.Tensor, *, per_head: bool = False
-) -> torch.Tensor:
+def relative_error(approx: torch.Tensor, exact: torch.Tensor, *, per_head: bool = False) -> torch.Tensor:
     """``‖approx − exact‖_F / ‖exact‖_F`` computed in float64.
 
     With ``per_head=True`` the norms are taken over the last two dims separately for each

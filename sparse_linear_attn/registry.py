@@ -131,8 +131,7 @@ class VariantSpec:
                 near = closest(u, self.params)
                 hints.append(f"{u!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
             raise ParameterError(
-                f"variant {self.name!r} got unknown parameter(s) {', '.join(hints)}. "
-                f"Accepted parameters: {accepted}."
+                f"variant {self.name!r} got unknown parameter(s) {', '.join(hints)}. Accepted parameters: {accepted}."
             )
         out = {}
         for name, p in self.params.items():
@@ -163,10 +162,14 @@ class VariantInfo:
 
     def __str__(self) -> str:
         lines = [f"{self.name}: {self.summary}", f"  exact={self.exact}  cost={self.cost}"]
-        flags = [k for k in ("causal", "cross_attention", "key_padding", "weights", "grouped_query") if getattr(self, k)]
+        flags = [
+            k for k in ("causal", "cross_attention", "key_padding", "weights", "grouped_query") if getattr(self, k)
+        ]
         lines.append(f"  supports: {', '.join(flags)}; backends: {', '.join(self.backends)}")
         if self.build_only:
-            lines.append("  nn.Module variant: use sla.build(config) (sla.attention runs it only without learned parameters)")
+            lines.append(
+                "  nn.Module variant: use sla.build(config) (sla.attention runs it only without learned parameters)"
+            )
         for pname, (default, doc) in self.params.items():
             lines.append(f"  {pname}={default!r}: {doc}")
         return "\n".join(lines)
@@ -179,9 +182,7 @@ def add(spec: VariantSpec, *, overwrite: bool = False) -> VariantSpec:
     if not spec.name or not isinstance(spec.name, str):
         raise ValueError(f"a variant name must be a non-empty string, got {spec.name!r}")
     if spec.name in _REGISTRY and not overwrite:
-        raise ValueError(
-            f"variant {spec.name!r} is already registered; pass overwrite=True to replace it."
-        )
+        raise ValueError(f"variant {spec.name!r} is already registered; pass overwrite=True to replace it.")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -291,9 +292,7 @@ def register_variant(
             module = None
             impls = {"user": Impl(_wrap_user_function(obj, accepts_weights), grouped_query=False)}
         else:
-            raise TypeError(
-                f"register_variant expects a function or an nn.Module subclass, got {type(obj).__name__}"
-            )
+            raise TypeError(f"register_variant expects a function or an nn.Module subclass, got {type(obj).__name__}")
         if params:
             for pname, (default, doc) in params.items():
                 found[pname] = Param(pname, default, doc)

@@ -58,8 +58,7 @@ def save_mask_png(
     img = _downsample(mask.cpu(), max_pixels)
     nq, nk = mask.shape
     fig, ax = plt.subplots(figsize=(4, 4 * nq / nk if nk else 4), dpi=dpi)
-    ax.imshow(img.numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest",
-              extent=(0, nk, nq, 0), aspect="auto")
+    ax.imshow(img.numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest", extent=(0, nk, nq, 0), aspect="auto")
     ax.set_xlabel("key j")
     ax.set_ylabel("query i")
     density = float(mask.float().mean())
@@ -85,7 +84,9 @@ def _downsample(mask: torch.Tensor, max_pixels: int) -> torch.Tensor:
     return torch.nn.functional.max_pool2d(m, f)[0, 0]
 
 
-def render_named_patterns(out_dir: str | os.PathLike, *, n: int = 1024, block_size: int = 64, dpi: int = 60) -> list[str]:
+def render_named_patterns(
+    out_dir: str | os.PathLike, *, n: int = 1024, block_size: int = 64, dpi: int = 60
+) -> list[str]:
     """Write a PNG of every named sparse pattern (what docs/sparse.md shows); returns the paths."""
     import sparse_linear_attn as sla
     from sparse_linear_attn.variants.block_sparse import PATTERNS
@@ -95,12 +96,21 @@ def render_named_patterns(out_dir: str | os.PathLike, *, n: int = 1024, block_si
     for causal in (False, True):
         tag = "causal" if causal else "bidirectional"
         m = sla.dense_mask("sliding_window", n, n, causal=causal, window=128)
-        written.append(save_mask_png(m, os.path.join(out_dir, f"sliding_window_{tag}.png"),
-                                     title=f"sliding_window w=128, {tag}", dpi=dpi))
+        written.append(
+            save_mask_png(
+                m, os.path.join(out_dir, f"sliding_window_{tag}.png"), title=f"sliding_window w=128, {tag}", dpi=dpi
+            )
+        )
     for pattern in PATTERNS:
         m = sla.dense_mask("block_sparse", n, n, causal=True, pattern=pattern, block_size=block_size)
-        written.append(save_mask_png(m, os.path.join(out_dir, f"block_sparse_{pattern}.png"),
-                                     title=f"{pattern}, bs={block_size}, causal", dpi=dpi))
+        written.append(
+            save_mask_png(
+                m,
+                os.path.join(out_dir, f"block_sparse_{pattern}.png"),
+                title=f"{pattern}, bs={block_size}, causal",
+                dpi=dpi,
+            )
+        )
     return written
 
 

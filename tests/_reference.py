@@ -51,6 +51,8 @@ def pattern_attention(q, k, v, mask, key_padding_mask=None, scale=None):
 def strided_qkv(B, H, Hkv, n, D=16, Dv=8, dtype=torch.float32, seed=0):
     """q, k, v made ``(B, N, H, D)`` and viewed as ``(B, H, N, D)``, as models often pass them."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, n, H, D, generator=g, dtype=dtype).transpose(1, 2),
-            torch.randn(B, n, Hkv, D, generator=g, dtype=dtype).transpose(1, 2),
-            torch.randn(B, n, Hkv, Dv, generator=g, dtype=dtype).transpose(1, 2))
+    return (
+        torch.randn(B, n, H, D, generator=g, dtype=dtype).transpose(1, 2),
+        torch.randn(B, n, Hkv, D, generator=g, dtype=dtype).transpose(1, 2),
+        torch.randn(B, n, Hkv, Dv, generator=g, dtype=dtype).transpose(1, 2),
+    )

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 class LargestTensor(TorchDispatchMode):

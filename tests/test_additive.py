@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from _reference import visible
 
 import sparse_linear_attn as sla
 import sparse_linear_attn.variants.additive as additive_mod
-from _reference import visible
 
 
 def reference(layer, q, k, v, mask, scale=1.0):

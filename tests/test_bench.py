@@ -17,10 +17,35 @@ from sparse_linear_attn.errors import ParameterError, UnknownNameError
 
 TINY = ["--heads", "2", "--head-dim", "8", "--repeats", "2", "--warmup", "0"]
 FIELDS = set(KEY_FIELDS) | {
-    "label", "status", "reason", "backend", "exact", "cost", "repeats_done", "first_call_ms", "time_ms_median",
-    "time_ms_p25", "time_ms_p75", "time_ms_min", "time_ms_max", "peak_mem_mb", "mem_method", "avg_visible_keys",
-    "flops", "flops_method", "tflops", "rel_error_vs_full", "error_reference", "rel_error_backend",
-    "backend_reference", "error_note", "e2e_cosine", "e2e_cosine_min", "e2e_note", "env", "timestamp",
+    "label",
+    "status",
+    "reason",
+    "backend",
+    "exact",
+    "cost",
+    "repeats_done",
+    "first_call_ms",
+    "time_ms_median",
+    "time_ms_p25",
+    "time_ms_p75",
+    "time_ms_min",
+    "time_ms_max",
+    "peak_mem_mb",
+    "mem_method",
+    "avg_visible_keys",
+    "flops",
+    "flops_method",
+    "tflops",
+    "rel_error_vs_full",
+    "error_reference",
+    "rel_error_backend",
+    "backend_reference",
+    "error_note",
+    "e2e_cosine",
+    "e2e_cosine_min",
+    "e2e_note",
+    "env",
+    "timestamp",
 }
 ENV_FIELDS = {"torch", "xformers", "sla", "python", "platform", "device_name", "cpu_count", "threads", "cuda"}
 
@@ -87,8 +112,25 @@ def test_list(capsys):
 
 def test_run_schema_statuses_flops_errors_plots(tmp_path, capsys):
     n_big = 1 << 18  # the math backend would need ~0.8 TB here: predicted OOM, never run
-    rc = main(["run", "--variants", "full", "full:backend=math", "full:backend=xformers", "bench_oom", "bench_boom",
-               "bench_zero", "dot_product", "--seq-lens", "16,48", "--causal", "--out", str(tmp_path), *TINY])
+    rc = main(
+        [
+            "run",
+            "--variants",
+            "full",
+            "full:backend=math",
+            "full:backend=xformers",
+            "bench_oom",
+            "bench_boom",
+            "bench_zero",
+            "dot_product",
+            "--seq-lens",
+            "16,48",
+            "--causal",
+            "--out",
+            str(tmp_path),
+            *TINY,
+        ]
+    )
     assert rc == 0
     recs = read_results(tmp_path / "results.jsonl")
     assert len(recs) == 7 * 2
@@ -122,9 +164,29 @@ def test_run_schema_statuses_flops_errors_plots(tmp_path, capsys):
     assert "bench_boom" in out and "err vs full" in out  # the summary table
 
     # A predicted out-of-memory is recorded, not run, and the sweep goes on.
-    rc = main(["run", "--variants", "full:backend=math", "bench_zero", "--seq-lens", str(n_big), "--heads", "1",
-               "--head-dim", "4", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "big"), "--no-plot",
-               "--reference-max-n", "1024"])
+    rc = main(
+        [
+            "run",
+            "--variants",
+            "full:backend=math",
+            "bench_zero",
+            "--seq-lens",
+            str(n_big),
+            "--heads",
+            "1",
+            "--head-dim",
+            "4",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path / "big"),
+            "--no-plot",
+            "--reference-max-n",
+            "1024",
+        ]
+    )
     assert rc == 0
     big = {r["label"]: r for r in read_results(tmp_path / "big" / "results.jsonl")}
     assert big["full:backend=math"]["status"] == "oom" and "predicted" in big["full:backend=math"]["reason"]
@@ -142,8 +204,18 @@ def test_run_schema_statuses_flops_errors_plots(tmp_path, capsys):
 
 
 def test_resume_after_interrupted_sweep(tmp_path):
-    args = ["run", "--variants", "full", "bench_interrupt", "--seq-lens", "16,32,64", "--out", str(tmp_path),
-            "--no-plot", *TINY]
+    args = [
+        "run",
+        "--variants",
+        "full",
+        "bench_interrupt",
+        "--seq-lens",
+        "16,32,64",
+        "--out",
+        str(tmp_path),
+        "--no-plot",
+        *TINY,
+    ]
     STATE["interrupt_at"] = 32
     with pytest.raises(KeyboardInterrupt):
         main(args)
@@ -158,7 +230,8 @@ def test_resume_after_interrupted_sweep(tmp_path):
     keys = [record_key(r) for r in recs]
     assert len(keys) == len(set(keys)) == 6
     assert sorted((r["variant"], r["n"]) for r in recs) == sorted(
-        (v, n) for v in ("full", "bench_interrupt") for n in (16, 32, 64))
+        (v, n) for v in ("full", "bench_interrupt") for n in (16, 32, 64)
+    )
     assert [r["timestamp"] for r in recs[:3]] == [r["timestamp"] for r in first]  # not re-measured
     # Without --resume an earlier file is kept aside, never overwritten.
     assert main(args) == 0
@@ -168,11 +241,28 @@ def test_resume_after_interrupted_sweep(tmp_path):
 
 
 def test_study_files(tmp_path, capsys):
-    study = {"variants": ["full", {"variant": "full", "backend": "math"}], "seq_lens": [16], "heads": 2,
-             "head_dim": 8, "repeats": 1, "warmup": 0, "out": str(tmp_path / "o"), "plot": False}
+    study = {
+        "variants": ["full", {"variant": "full", "backend": "math"}],
+        "seq_lens": [16],
+        "heads": 2,
+        "head_dim": 8,
+        "repeats": 1,
+        "warmup": 0,
+        "out": str(tmp_path / "o"),
+        "plot": False,
+    }
     (tmp_path / "s.json").write_text(json.dumps(study))
-    toml = "\n".join(['variants = ["full"]', "seq_lens = \"16\"", "heads = 1", "head_dim = 4", "repeats = 1",
-                      f"out = \"{tmp_path / 't'}\"", "plot = false"])
+    toml = "\n".join(
+        [
+            'variants = ["full"]',
+            'seq_lens = "16"',
+            "heads = 1",
+            "head_dim = 4",
+            "repeats = 1",
+            f'out = "{tmp_path / "t"}"',
+            "plot = false",
+        ]
+    )
     (tmp_path / "s.toml").write_text(toml)
     assert main(["run", "--config", str(tmp_path / "s.json")]) == 0
     assert [r["label"] for r in read_results(tmp_path / "o" / "results.jsonl")] == ["full", "full:backend=math"]
@@ -192,8 +282,24 @@ def test_pareto_front():
 
 
 def test_backward_sweep(tmp_path):
-    assert main(["run", "--variants", "full", "additive:hidden_dim=8", "--seq-lens", "16", "--backward",
-                 "--no-plot", "--out", str(tmp_path), *TINY]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--variants",
+                "full",
+                "additive:hidden_dim=8",
+                "--seq-lens",
+                "16",
+                "--backward",
+                "--no-plot",
+                "--out",
+                str(tmp_path),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     full, additive = read_results(tmp_path / "results.jsonl")
     assert full["backward"] is True and full["status"] == "ok" and additive["status"] == "ok"
     assert full["flops"] == pytest.approx(3.5 * 4 * 1 * 2 * 16 * 16 * 8)  # forward + 2.5× backward
@@ -248,8 +354,29 @@ def test_real_model_loader_on_short_text(tmp_path):
     out = tmp_path / "real"
     threads = torch.get_num_threads()
     try:
-        assert main(["run", "--inputs", "real", "--variants", "full", "--seq-lens", "16", "--repeats", "1",
-                     "--warmup", "0", "--no-plot", "--threads", "1", "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "run",
+                    "--inputs",
+                    "real",
+                    "--variants",
+                    "full",
+                    "--seq-lens",
+                    "16",
+                    "--repeats",
+                    "1",
+                    "--warmup",
+                    "0",
+                    "--no-plot",
+                    "--threads",
+                    "1",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     (rec,) = read_results(out / "results.jsonl")
@@ -285,7 +412,7 @@ def test_visible_key_counts_against_brute_force(monkeypatch):
     for nq, nk, w, causal in ((40, 40, 5, False), (40, 40, 5, True), (24, 40, 3, True), (1, 9, 100, False)):
         off = nk - nq
 
-        def sees(i, j):
+        def sees(i, j, off=off, w=w, causal=causal):
             p = i + off
             return p - w <= j <= (p if causal else p + w)
 
@@ -293,7 +420,7 @@ def test_visible_key_counts_against_brute_force(monkeypatch):
         assert got == pytest.approx(brute(sees))
     for nq, nk in ((40, 40), (24, 40), (40, 24)):
         got, _ = flops.avg_visible_keys("full", {}, nq, nk, True)
-        assert got == pytest.approx(brute(lambda i, j: j <= i + nk - nq))
+        assert got == pytest.approx(brute(lambda i, j, nq=nq, nk=nk: j <= i + nk - nq))
 
     # A block-local exact pattern: dense count when small, fitted from smaller dense masks when large.
     def band_blocks(nq, nk, *, causal, block):
@@ -301,8 +428,16 @@ def test_visible_key_counts_against_brute_force(monkeypatch):
         bj = torch.arange(nk)[None, :] // block
         return (bi - bj).abs() <= 1
 
-    add(VariantSpec(name="bench_band", summary="test", exact=True, cost="O(N)",
-                    impls={"math": Impl(lambda *a, **k: None)}, mask_fn=lambda nq, nk, causal: band_blocks(nq, nk, causal=causal, block=16)))
+    add(
+        VariantSpec(
+            name="bench_band",
+            summary="test",
+            exact=True,
+            cost="O(N)",
+            impls={"math": Impl(lambda *a, **k: None)},
+            mask_fn=lambda nq, nk, causal: band_blocks(nq, nk, causal=causal, block=16),
+        )
+    )
     try:
         nq = nk = 512
         dense, how = flops.avg_visible_keys("bench_band", {}, 512, 512, False)
@@ -313,8 +448,9 @@ def test_visible_key_counts_against_brute_force(monkeypatch):
         flops._visible_cached.cache_clear()
         fitted, how = flops.avg_visible_keys("bench_band", {}, 512, 512, False)
         assert how.startswith("quadratic fit") and fitted == pytest.approx(expect, rel=1e-3)
-        f = flops.count_flops("bench_band", {}, batch=2, heads=3, nq=512, nk=512, head_dim=8, v_dim=8,
-                              causal=False, backward=True)
+        f = flops.count_flops(
+            "bench_band", {}, batch=2, heads=3, nq=512, nk=512, head_dim=8, v_dim=8, causal=False, backward=True
+        )
         assert f["flops"] == pytest.approx(4 * 2 * 3 * 512 * fitted * 8 * 3.5)
     finally:
         flops._visible_cached.cache_clear()

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import sparse_linear_attn as sla
 from _reference import pattern_attention, strided_qkv
 from _trace import LargestTensor
+
+import sparse_linear_attn as sla
 from sparse_linear_attn.variants import block_sparse as bs_mod
 from sparse_linear_attn.variants.block_sparse import pattern_layout
 
@@ -34,8 +34,11 @@ def reference(q, k, v, mask, key_padding_mask=None):
 
 def rand(B, H, Hkv, nq, nk, D=16, Dv=8, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, H, nq, D, generator=g).to(dtype), torch.randn(B, Hkv, nk, D, generator=g).to(dtype),
-            torch.randn(B, Hkv, nk, Dv, generator=g).to(dtype))
+    return (
+        torch.randn(B, H, nq, D, generator=g).to(dtype),
+        torch.randn(B, Hkv, nk, D, generator=g).to(dtype),
+        torch.randn(B, Hkv, nk, Dv, generator=g).to(dtype),
+    )
 
 
 def rand_layout(shape, seed=0, p=0.4):
@@ -45,11 +48,11 @@ def rand_layout(shape, seed=0, p=0.4):
 CASES = [
     # nq, nk, block_size, causal, H, Hkv, key padding, per-head layout
     (96, 96, 16, True, 4, 2, False, False),
-    (100, 100, 16, False, 2, 2, True, True),   # ragged: 100 = 6·16 + 4
-    (70, 300, 32, True, 2, 1, True, False),    # cross-attention, Nq < Nk
-    (300, 70, 32, True, 2, 2, False, True),    # Nq > Nk
-    (64, 64, 64, False, 2, 2, False, False),   # a single block
-    (50, 50, 7, True, 3, 3, True, False),      # odd block size
+    (100, 100, 16, False, 2, 2, True, True),  # ragged: 100 = 6·16 + 4
+    (70, 300, 32, True, 2, 1, True, False),  # cross-attention, Nq < Nk
+    (300, 70, 32, True, 2, 2, False, True),  # Nq > Nk
+    (64, 64, 64, False, 2, 2, False, False),  # a single block
+    (50, 50, 7, True, 3, 3, True, False),  # odd block size
 ]
 
 
@@ -60,8 +63,9 @@ def test_layout_forward_matches_definition(backend, nq, nk, bs, causal, H, Hkv, 
     layout = rand_layout((H, nqb, nkb) if per_head else (nqb, nkb))
     q, k, v = rand(2, H, Hkv, nq, nk)
     kpm = (torch.rand(2, nk, generator=torch.Generator().manual_seed(3)) < 0.3) if pad else None
-    out = sla.attention(q, k, v, "block_sparse", layout=layout, block_size=bs, causal=causal,
-                        key_padding_mask=kpm, backend=backend)
+    out = sla.attention(
+        q, k, v, "block_sparse", layout=layout, block_size=bs, causal=causal, key_padding_mask=kpm, backend=backend
+    )
     ref = reference(q, k, v, element_mask(layout, nq, nk, bs, causal), kpm)
     assert out.shape == (2, H, nq, 8)
     torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
@@ -192,11 +196,11 @@ def test_no_future_leak(pattern, backend):
     base = sla.attention(q, k, v, "block_sparse", **kw)
     t = 75
     k2, v2 = k.clone(), v.clone()
-    k2[:, :, t + 1:] += 100.0
-    v2[:, :, t + 1:] *= -50.0
+    k2[:, :, t + 1 :] += 100.0
+    v2[:, :, t + 1 :] *= -50.0
     out = sla.attention(q, k2, v2, "block_sparse", **kw)
     torch.testing.assert_close(out[:, :, : t + 1], base[:, :, : t + 1], atol=1e-6, rtol=0)
-    assert (out[:, :, t + 1:] - base[:, :, t + 1:]).abs().max() > 1e-2
+    assert (out[:, :, t + 1 :] - base[:, :, t + 1 :]).abs().max() > 1e-2
 
 
 def test_rows_seeing_no_block_are_zero_and_finite():
@@ -240,32 +244,40 @@ def test_layout_as_nested_list_from_a_config():
 
 def test_default_is_local_pattern():
     q, k, v = rand(1, 2, 2, 256, 256)
-    torch.testing.assert_close(sla.attention(q, k, v, "block_sparse"),
-                               sla.attention(q, k, v, "block_sparse", pattern="local"))
+    torch.testing.assert_close(
+        sla.attention(q, k, v, "block_sparse"), sla.attention(q, k, v, "block_sparse", pattern="local")
+    )
 
 
 # ----------------------------------------------------------------------------------------- errors
+
 
 def _call(**params):
     q, k, v = rand(1, 2, 2, 64, 64)
     return sla.attention(q, k, v, "block_sparse", **params)
 
 
-@pytest.mark.parametrize("params,match", [
-    (dict(block_size=0), "block_size"),
-    (dict(block_size=2.0), "block_size"),
-    (dict(pattern="bigbrid"), "(?i)did you mean 'bigbird'"),
-    (dict(pattern="loacl"), "Known: bigbird, fixed, local, longformer, strided"),
-    (dict(layout=torch.ones(3, 4, dtype=torch.bool), block_size=16), r"shape \(3, 4\).*\(4, 4\)"),
-    (dict(layout=torch.ones(4, 4), block_size=16), "dtype torch.bool"),
-    (dict(layout=torch.ones(3, 4, 4, dtype=torch.bool), block_size=16), "3 heads but q has 2"),
-    (dict(layout=torch.ones(4, 4, dtype=torch.bool), pattern="local", block_size=16), "either pattern= or layout="),
-    (dict(pattern="longformer", num_global_blocks=5, block_size=16), "num_global_blocks=5 does not fit"),
-    (dict(pattern="strided", stride=9, block_size=16), "stride=9 does not fit"),
-    (dict(pattern="fixed", num_local_blocks=2, num_global_blocks=3, block_size=16), "num_global_blocks <= num_local_blocks"),
-    (dict(pattern="bigbird", num_random_blocks=7, block_size=16), "num_random_blocks=7 does not fit"),
-    (dict(window=3), "unknown parameter"),
-])
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        (dict(block_size=0), "block_size"),
+        (dict(block_size=2.0), "block_size"),
+        (dict(pattern="bigbrid"), "(?i)did you mean 'bigbird'"),
+        (dict(pattern="loacl"), "Known: bigbird, fixed, local, longformer, strided"),
+        (dict(layout=torch.ones(3, 4, dtype=torch.bool), block_size=16), r"shape \(3, 4\).*\(4, 4\)"),
+        (dict(layout=torch.ones(4, 4), block_size=16), "dtype torch.bool"),
+        (dict(layout=torch.ones(3, 4, 4, dtype=torch.bool), block_size=16), "3 heads but q has 2"),
+        (dict(layout=torch.ones(4, 4, dtype=torch.bool), pattern="local", block_size=16), "either pattern= or layout="),
+        (dict(pattern="longformer", num_global_blocks=5, block_size=16), "num_global_blocks=5 does not fit"),
+        (dict(pattern="strided", stride=9, block_size=16), "stride=9 does not fit"),
+        (
+            dict(pattern="fixed", num_local_blocks=2, num_global_blocks=3, block_size=16),
+            "num_global_blocks <= num_local_blocks",
+        ),
+        (dict(pattern="bigbird", num_random_blocks=7, block_size=16), "num_random_blocks=7 does not fit"),
+        (dict(window=3), "unknown parameter"),
+    ],
+)
 def test_errors_say_what_was_received_and_accepted(params, match):
     with pytest.raises(ValueError, match=match):
         _call(**params)

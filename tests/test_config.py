@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from _reference import softmax_attention, visible
 
 import sparse_linear_attn as sla
-from _reference import softmax_attention, visible
 
 
 def qkv():

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from _reference import visible
 
 import sparse_linear_attn as sla
 from sparse_linear_attn import registry
 from sparse_linear_attn.backends import BACKENDS, backend_table, select_backend
 from sparse_linear_attn.inputs import make_call
-from _reference import visible
 
 
 def call(dtype=torch.float32, weights=False, grad=False, kpm=None):

@@ -38,7 +38,7 @@ def test_orthogonal_projection_blocks_and_seed():
     assert torch.equal(w, fm.orthogonal_gaussian_projection(d, m, seed=5))
     assert not torch.allclose(w, fm.orthogonal_gaussian_projection(d, m, seed=6))
     for start in range(0, m, d):
-        block = w[start:start + d]
+        block = w[start : start + d]
         unit = block / block.norm(dim=1, keepdim=True)
         torch.testing.assert_close(unit @ unit.T, torch.eye(len(block), dtype=torch.float64), atol=1e-12, rtol=0)
     # Row lengths are chi(d)-distributed: E‖w‖² = d.
@@ -75,7 +75,9 @@ def test_registry_errors_and_registration():
         f = fm.get_feature_map("test_square")
         assert f.doc == "x²" and f.dim(4, 0) == 4
         fm.register_feature_map("test_square", lambda x: x.abs(), overwrite=True)
-        assert float(fm.get_feature_map("test_square")(torch.tensor([-2.0]), fm.FeatureContext(1.0), is_query=True)) == 2.0
+        assert (
+            float(fm.get_feature_map("test_square")(torch.tensor([-2.0]), fm.FeatureContext(1.0), is_query=True)) == 2.0
+        )
     finally:
         fm.unregister_feature_map("test_square")
     assert "test_square" not in fm.available_feature_maps()

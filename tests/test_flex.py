@@ -11,9 +11,9 @@ import functools
 
 import pytest
 import torch
+from _reference import pattern_attention
 
 import sparse_linear_attn as sla
-from _reference import pattern_attention
 from sparse_linear_attn.backends import flex as flex_backend
 
 
@@ -44,12 +44,18 @@ def reference(q, k, v, mask, key_padding_mask=None):
 def test_sliding_window_flex_matches_definition_and_torch_path():
     B, H, Hkv, nq, nk, w = 2, 4, 2, 200, 260, 37  # GQA, cross-attention, ragged vs 128 tiles
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(B, H, nq, 16, generator=g), torch.randn(B, Hkv, nk, 16, generator=g), torch.randn(B, Hkv, nk, 16, generator=g)
+    q, k, v = (
+        torch.randn(B, H, nq, 16, generator=g),
+        torch.randn(B, Hkv, nk, 16, generator=g),
+        torch.randn(B, Hkv, nk, 16, generator=g),
+    )
     kpm = torch.rand(B, nk, generator=g) < 0.2
     kpm[1, :] = True  # batch 1: every key padded -> zero rows
     with torch.no_grad():
         out = sla.attention(q, k, v, "sliding_window", window=w, causal=True, key_padding_mask=kpm, backend="flex")
-        ref_torch = sla.attention(q, k, v, "sliding_window", window=w, causal=True, key_padding_mask=kpm, backend="torch")
+        ref_torch = sla.attention(
+            q, k, v, "sliding_window", window=w, causal=True, key_padding_mask=kpm, backend="torch"
+        )
     i = torch.arange(nq)[:, None] + nk - nq
     j = torch.arange(nk)[None, :]
     mask = (j >= i - w) & (j <= i)
@@ -69,7 +75,9 @@ def test_block_sparse_flex_per_head_causal_ragged_and_cached():
     with torch.no_grad():
         out = sla.attention(q, k, v, "block_sparse", layout=layout, block_size=bs, causal=True, backend="flex")
         assert len(flex_backend._MASKS) == 1
-        again = sla.attention(q, k, v, "block_sparse", layout=layout.clone(), block_size=bs, causal=True, backend="flex")
+        again = sla.attention(
+            q, k, v, "block_sparse", layout=layout.clone(), block_size=bs, causal=True, backend="flex"
+        )
         assert len(flex_backend._MASKS) == 1  # same layout content: the BlockMask is reused
         torch_path = sla.attention(q, k, v, "block_sparse", layout=layout, block_size=bs, causal=True, backend="torch")
     ii = torch.arange(n)[:, None]
@@ -99,7 +107,9 @@ def test_full_graph_cache_is_an_error_for_flex_and_a_fallback_for_auto(monkeypat
     from sparse_linear_attn.registry import Impl
 
     spec = registry.get("sliding_window")
-    monkeypatch.setitem(spec.impls, "flex", Impl(spec.impls["flex"].fn, prefer=lambda call, params: flex_backend.cache_full_reason()))
+    monkeypatch.setitem(
+        spec.impls, "flex", Impl(spec.impls["flex"].fn, prefer=lambda call, params: flex_backend.cache_full_reason())
+    )
     monkeypatch.setattr(flex_backend, "MAX_COMPILED_GRAPHS", 1)
     monkeypatch.setattr(flex_backend, "_FULL_AT", None)
     g = torch.Generator().manual_seed(2)
@@ -127,7 +137,9 @@ def test_auto_retries_without_flex_when_the_cache_fills_during_the_call(monkeypa
         raise flex_backend.FlexCacheFull("full")
 
     spec = registry.get("sliding_window")
-    monkeypatch.setitem(spec.impls, "flex", Impl(full_now, prefer=lambda call, params: flex_backend.cache_full_reason()))
+    monkeypatch.setitem(
+        spec.impls, "flex", Impl(full_now, prefer=lambda call, params: flex_backend.cache_full_reason())
+    )
     monkeypatch.setattr(flex_backend, "_FULL_AT", None)
     q, k, v = (torch.randn(1, 2, 50, 8, generator=torch.Generator().manual_seed(3)) for _ in range(3))
     out = sla.attention(q, k, v, "sliding_window", window=3)

@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from _reference import softmax_attention, visible
 
 import sparse_linear_attn as sla
-from _reference import softmax_attention, visible
 
 SHAPES = [  # (H, Hkv, Nq, Nk)
     (4, 4, 16, 16),

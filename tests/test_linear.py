@@ -108,8 +108,18 @@ def test_gradients_match_reference(name, causal):
         if label == "ref":
             out, _ = reference(qq, kk, vv, name, causal=causal, kpm=kpm)
         else:
-            out = sla.attention(qq, kk, vv, "linear", causal=causal, key_padding_mask=kpm, feature_map=name,
-                                num_features=32, chunk_size=5, backend=label)
+            out = sla.attention(
+                qq,
+                kk,
+                vv,
+                "linear",
+                causal=causal,
+                key_padding_mask=kpm,
+                feature_map=name,
+                num_features=32,
+                chunk_size=5,
+                backend=label,
+            )
         (out * g).sum().backward()
         grads[label] = (qq.grad, kk.grad, vv.grad)
     for label in ("torch", "math"):
@@ -176,8 +186,9 @@ def test_nothing_visible_gives_zeros_not_nan(backend):
     kpm = torch.zeros(2, 5, dtype=torch.bool)
     kpm[1] = True  # batch 1: every key padded
     qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-    out = sla.attention(qq, kk, vv, "linear", causal=True, key_padding_mask=kpm, backend=backend,
-                        feature_map="favor", num_features=16)
+    out = sla.attention(
+        qq, kk, vv, "linear", causal=True, key_padding_mask=kpm, backend=backend, feature_map="favor", num_features=16
+    )
     assert torch.isfinite(out).all()
     assert (out[1] == 0).all()
     assert (out[0, :, :4] == 0).all()  # bottom-right: queries 0..3 see no key
@@ -198,20 +209,20 @@ def test_no_future_leak(name, nq, nk):
     off = nk - nq
     t = nq // 2  # queries <= t see keys <= t + off only
     k2, v2 = k.clone(), v.clone()
-    k2[:, :, t + off + 1:] += torch.randn_like(k2[:, :, t + off + 1:])
-    v2[:, :, t + off + 1:] += 5.0
+    k2[:, :, t + off + 1 :] += torch.randn_like(k2[:, :, t + off + 1 :])
+    v2[:, :, t + off + 1 :] += 5.0
     for backend in ("torch", "math"):
         kw = dict(causal=True, feature_map=name, num_features=16, chunk_size=5, backend=backend)
         with torch.no_grad():
             a = sla.attention(q, k, v, "linear", **kw)
             b = sla.attention(q, k2, v2, "linear", **kw)
         torch.testing.assert_close(a[:, :, : t + 1], b[:, :, : t + 1], rtol=1e-12, atol=1e-12)
-        assert not torch.allclose(a[:, :, t + 1:], b[:, :, t + 1:])
+        assert not torch.allclose(a[:, :, t + 1 :], b[:, :, t + 1 :])
         # And through the backward pass: query t's output has no gradient from later keys.
         kk, vv = k.clone().requires_grad_(), v.clone().requires_grad_()
         out = sla.attention(q, kk, vv, "linear", **kw)
         out[:, :, t].sum().backward()
-        assert (kk.grad[:, :, t + off + 1:] == 0).all() and (vv.grad[:, :, t + off + 1:] == 0).all()
+        assert (kk.grad[:, :, t + off + 1 :] == 0).all() and (vv.grad[:, :, t + off + 1 :] == 0).all()
         assert kk.grad[:, :, : t + off + 1].abs().sum() > 0
 
 
@@ -224,8 +235,13 @@ def test_favor_error_falls_with_num_features_and_is_seeded():
     exact = softmax_attention(q, k, v)
     errs = {}
     for m in (8, 64, 512, 4096):
-        errs[m] = sum(float(sla.relative_error(sla.attention(q, k, v, "performer", num_features=m, seed=s), exact))
-                      for s in range(3)) / 3
+        errs[m] = (
+            sum(
+                float(sla.relative_error(sla.attention(q, k, v, "performer", num_features=m, seed=s), exact))
+                for s in range(3)
+            )
+            / 3
+        )
     # Positive random features converge slowly (their variance grows like exp(‖q + k‖²)), but
     # steadily: each 8× more features must help.
     assert errs[4096] < errs[512] < errs[64] < errs[8], errs
@@ -267,8 +283,9 @@ def test_user_feature_map_registry():
 
     try:
         q, k, v = make(nq=19, nk=19)
-        ref, _ = reference(q, k, v, "", causal=True,
-                           phi_fn=lambda x: torch.nn.functional.softplus(x * (1 / math.sqrt(8))))
+        ref, _ = reference(
+            q, k, v, "", causal=True, phi_fn=lambda x: torch.nn.functional.softplus(x * (1 / math.sqrt(8)))
+        )
         out = sla.attention(q, k, v, "linear", feature_map="test_softplus", causal=True, chunk_size=4)
         torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
         assert "test_softplus" in fm.available_feature_maps()

@@ -15,7 +15,7 @@ def test_relative_error_is_float64_even_for_bf16():
     exact = torch.ones(1000, dtype=torch.bfloat16)
     approx = exact.clone()
     approx[0] = 2.0
-    assert float(sla.relative_error(approx, exact)) == pytest.approx(1 / 1000 ** 0.5, rel=1e-9)
+    assert float(sla.relative_error(approx, exact)) == pytest.approx(1 / 1000**0.5, rel=1e-9)
 
 
 def test_relative_error_per_head():

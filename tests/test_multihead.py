@@ -59,8 +59,9 @@ def test_state_dict_keys_and_shapes_match_torch(kw):
 
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("need_weights,average", [(False, True), (True, True), (True, False)])
-@pytest.mark.parametrize("case", ["self", "cross", "kdim_vdim", "padding", "bool_mask", "float_mask",
-                                  "causal", "mask3d", "bias_kv"])
+@pytest.mark.parametrize(
+    "case", ["self", "cross", "kdim_vdim", "padding", "bool_mask", "float_mask", "causal", "mask3d", "bias_kv"]
+)
 def test_matches_torch(batch_first, need_weights, average, case):
     kw, nq, nk = {}, 5, 5
     if case in ("cross", "kdim_vdim"):
@@ -70,8 +71,14 @@ def test_matches_torch(batch_first, need_weights, average, case):
     if case == "bias_kv":
         kw = {"add_bias_kv": True, "add_zero_attn": True}
     ref, ours = pair(batch_first=batch_first, **kw)
-    q, k, v = inputs(nq, nk, batch_first=batch_first, kdim=kw.get("kdim", E), vdim=kw.get("vdim", E),
-                     same=case in ("self", "causal", "bias_kv"))
+    q, k, v = inputs(
+        nq,
+        nk,
+        batch_first=batch_first,
+        kdim=kw.get("kdim", E),
+        vdim=kw.get("vdim", E),
+        same=case in ("self", "causal", "bias_kv"),
+    )
     call = {"need_weights": need_weights, "average_attn_weights": average}
     g = torch.Generator().manual_seed(2)
     if case == "padding":
@@ -115,7 +122,7 @@ def test_gradients_match_torch():
     mask = nn.Transformer.generate_square_subsequent_mask(5, dtype=F64)
     ref(q, k, v, attn_mask=mask, is_causal=True, need_weights=False)[0].square().sum().backward()
     ours(q, k, v, attn_mask=mask, is_causal=True, need_weights=False)[0].square().sum().backward()
-    for (n, a), (_, b) in zip(ref.named_parameters(), ours.named_parameters()):
+    for (_, a), (_, b) in zip(ref.named_parameters(), ours.named_parameters()):
         close(a.grad, b.grad)
 
 
@@ -125,8 +132,8 @@ def reference_layer(layer, x, *, visible=None, bias=None, scale=None):
     Hq, Hkv, D = layer.num_heads, layer.num_kv_heads, layer.head_dim
     w, b = layer.in_proj_weight, layer.in_proj_bias
     q = (x @ w[:E].T + b[:E]).view(B, N, Hq, D).transpose(1, 2)
-    k = (x @ w[E:E + Hkv * D].T + b[E:E + Hkv * D]).view(B, N, Hkv, D).transpose(1, 2)
-    v = (x @ w[E + Hkv * D:].T + b[E + Hkv * D:]).view(B, N, Hkv, D).transpose(1, 2)
+    k = (x @ w[E : E + Hkv * D].T + b[E : E + Hkv * D]).view(B, N, Hkv, D).transpose(1, 2)
+    v = (x @ w[E + Hkv * D :].T + b[E + Hkv * D :]).view(B, N, Hkv, D).transpose(1, 2)
     k = k.repeat_interleave(Hq // Hkv, dim=1)
     v = v.repeat_interleave(Hq // Hkv, dim=1)
     s = q @ k.transpose(-1, -2) * (scale if scale is not None else 1 / math.sqrt(D))
@@ -190,7 +197,7 @@ def encoder(batch_first=True):
 def test_swap_in_transformer_encoder_equals_original(training):
     orig = encoder()
     swapped = sla.swap_attention(copy.deepcopy(orig), attention={"variant": "full"})
-    assert all(isinstance(l.self_attn, sla.MultiheadAttention) for l in swapped.layers)
+    assert all(isinstance(layer.self_attn, sla.MultiheadAttention) for layer in swapped.layers)
     assert not any(isinstance(m, nn.MultiheadAttention) for m in swapped.modules())
     orig.train(training), swapped.train(training)
     x = torch.randn(3, 7, E)
@@ -212,9 +219,16 @@ def test_swapped_variant_runs_in_eval_and_no_grad():
         calls.append(causal)
         return dense_attention(q, k, v, scale=scale, mask=None, return_weights=return_weights)
 
-    registry.add(registry.VariantSpec("_test_counting", "test", True, "O(N²)",
-                                      supports=registry.Supports(causal=False, key_padding=False),
-                                      impls={"torch": registry.Impl(counting_full)}))
+    registry.add(
+        registry.VariantSpec(
+            "_test_counting",
+            "test",
+            True,
+            "O(N²)",
+            supports=registry.Supports(causal=False, key_padding=False),
+            impls={"torch": registry.Impl(counting_full)},
+        )
+    )
     try:
         model = sla.swap_attention(encoder(), attention="_test_counting").eval()
         with torch.no_grad(), torch.inference_mode(False):
@@ -242,21 +256,27 @@ def test_hand_built_encoder_with_nested_tensor_fast_path():
     kpm = torch.zeros(3, 7, dtype=torch.bool)
     kpm[0, 4:] = True
     with torch.no_grad():
-        torch.testing.assert_close(orig(x, src_key_padding_mask=kpm), model(x, src_key_padding_mask=kpm),
-                                   atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(
+            orig(x, src_key_padding_mask=kpm), model(x, src_key_padding_mask=kpm), atol=2e-5, rtol=2e-5
+        )
 
 
 def test_swap_whole_transformer_and_single_layer():
     torch.manual_seed(7)
-    model = nn.Transformer(E, H, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32, dropout=0.0,
-                           batch_first=True)
+    model = nn.Transformer(
+        E, H, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32, dropout=0.0, batch_first=True
+    )
     ref = copy.deepcopy(model)
     sla.swap_attention(model)
     assert sum(isinstance(m, sla.MultiheadAttention) for m in model.modules()) == 3
     src, tgt = torch.randn(2, 6, E), torch.randn(2, 4, E)
     mask = nn.Transformer.generate_square_subsequent_mask(4)
-    torch.testing.assert_close(model(src, tgt, tgt_mask=mask, tgt_is_causal=True),
-                               ref(src, tgt, tgt_mask=mask, tgt_is_causal=True), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(
+        model(src, tgt, tgt_mask=mask, tgt_is_causal=True),
+        ref(src, tgt, tgt_mask=mask, tgt_is_causal=True),
+        atol=2e-5,
+        rtol=2e-5,
+    )
     single = sla.swap_attention(nn.MultiheadAttention(E, H))
     assert isinstance(single, sla.MultiheadAttention)
     with pytest.raises(ValueError, match="no torch.nn.MultiheadAttention"):
@@ -355,8 +375,14 @@ def test_explicit_causal_mask_reaches_variants_without_dense_masks():
     torch.testing.assert_close(a, c)
     assert (a - layer(x, x, x, need_weights=False)[0]).abs().max() > 1e-4
     assert set(k for k, _ in layer.named_parameters() if k.startswith("attn.")) == {
-        "attn.impl.w_q", "attn.impl.w_k", "attn.impl.bias", "attn.impl.w"}
-    layer.load_state_dict(sla.MultiheadAttention.from_torch(nn.MultiheadAttention(E, H), attention="additive").state_dict())
+        "attn.impl.w_q",
+        "attn.impl.w_k",
+        "attn.impl.bias",
+        "attn.impl.w",
+    }
+    layer.load_state_dict(
+        sla.MultiheadAttention.from_torch(nn.MultiheadAttention(E, H), attention="additive").state_dict()
+    )
 
 
 def test_exact_sparse_pattern_combines_with_attn_mask():
@@ -368,14 +394,27 @@ def test_exact_sparse_pattern_combines_with_attn_mask():
 
     def band_attention(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, width):
         from sparse_linear_attn.inputs import full_visibility
-        m = full_visibility(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask,
-                            pattern=band(q.shape[2], k.shape[2], causal=causal, width=width))
+
+        m = full_visibility(
+            q.shape[2],
+            k.shape[2],
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            pattern=band(q.shape[2], k.shape[2], causal=causal, width=width),
+        )
         return dense_attention(q, k, v, scale=scale, mask=m, return_weights=return_weights)
 
-    registry.add(registry.VariantSpec(
-        "_test_band", "test", True, "O(N·w)",
-        params={"width": registry.Param("width", 1, "half width", registry.int_at_least(0))},
-        impls={"torch": registry.Impl(band_attention)}, mask_fn=band))
+    registry.add(
+        registry.VariantSpec(
+            "_test_band",
+            "test",
+            True,
+            "O(N·w)",
+            params={"width": registry.Param("width", 1, "half width", registry.int_at_least(0))},
+            impls={"torch": registry.Impl(band_attention)},
+            mask_fn=band,
+        )
+    )
     try:
         torch.manual_seed(10)
         layer = sla.MultiheadAttention(E, H, batch_first=True, attention={"variant": "_test_band", "width": 2}).to(F64)
@@ -414,8 +453,11 @@ def test_dot_product_scale_and_dropout():
     close(a[:, :3], b[:, :3])
     layer.dropout = 1e-12
     causal = torch.ones(6, 6, dtype=torch.bool).tril()
-    close(layer(x, x, x, is_causal=True, need_weights=False)[0], reference_layer(layer, x, visible=causal, scale=1.0),
-          tol=1e-8)
+    close(
+        layer(x, x, x, is_causal=True, need_weights=False)[0],
+        reference_layer(layer, x, visible=causal, scale=1.0),
+        tol=1e-8,
+    )
 
 
 def test_fully_masked_query_gives_zero_attention_not_nan():
@@ -505,8 +547,13 @@ def test_appended_keys_stay_outside_a_variants_pattern(extra):
 
 def test_sinusoidal_positions_are_bottom_right_aligned_like_a_kv_cache():
     torch.manual_seed(0)
-    m = sla.MultiheadAttention(16, 2, batch_first=True, positional="sinusoidal",
-                               attention={"variant": "full", "causal": True}).double().eval()
+    m = (
+        sla.MultiheadAttention(
+            16, 2, batch_first=True, positional="sinusoidal", attention={"variant": "full", "causal": True}
+        )
+        .double()
+        .eval()
+    )
     x = torch.randn(1, 6, 16, dtype=torch.float64)
     whole = m(x, x, x, need_weights=False)[0]
     last = m(x[:, -1:], x, x, need_weights=False)[0]  # decoding the last token against the cache

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
+from _reference import softmax_attention, visible
 from torch import nn
 
 import sparse_linear_attn as sla
-from _reference import softmax_attention, visible
 
 
 @pytest.fixture
@@ -197,7 +197,7 @@ def test_xformers_import_is_quiet_when_installed():
 @pytest.mark.parametrize("name", ["full", "sliding_window", "block_sparse", "linear", "performer"])
 def test_empty_inputs_give_empty_or_zero_outputs(name):
     # Empty batch, no queries, no keys: shapes as for any other call; no key visible -> zeros.
-    for (B, Nq, Nk) in ((0, 5, 5), (1, 0, 5), (2, 4, 0)):
+    for B, Nq, Nk in ((0, 5, 5), (1, 0, 5), (2, 4, 0)):
         q = torch.randn(B, 2, Nq, 8, requires_grad=True)
         k, v = torch.randn(B, 1, Nk, 8), torch.randn(B, 1, Nk, 6)
         out = sla.attention(q, k, v, name, causal=True)

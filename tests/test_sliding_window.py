@@ -1,16 +1,16 @@
 """sliding_window against a float64 dense reference whose mask is written here from the definition:
 
-    query i sees key j iff i' − w ≤ j ≤ i' + w (causal: i' − w ≤ j ≤ i'), i' = i + Nk − Nq.
+query i sees key j iff i' − w ≤ j ≤ i' + w (causal: i' − w ≤ j ≤ i'), i' = i + Nk − Nq.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-import sparse_linear_attn as sla
 from _reference import pattern_attention, strided_qkv
 from _trace import LargestTensor
+
+import sparse_linear_attn as sla
 from sparse_linear_attn.backends.dispatch import select_backend
 from sparse_linear_attn.inputs import make_call
 from sparse_linear_attn.registry import get
@@ -44,8 +44,8 @@ CASES = [
     # nq, nk, window, causal, H, Hkv, key padding
     (200, 200, 17, True, 4, 2, False),
     (200, 200, 17, False, 2, 2, True),
-    (70, 300, 40, True, 2, 1, True),   # cross-attention, Nq < Nk
-    (300, 70, 5, True, 2, 2, False),   # Nq > Nk: the first queries see nothing
+    (70, 300, 40, True, 2, 1, True),  # cross-attention, Nq < Nk
+    (300, 70, 5, True, 2, 2, False),  # Nq > Nk: the first queries see nothing
     (300, 70, 5, False, 2, 2, True),
     (130, 130, 0, True, 2, 2, False),  # window 0: each query sees only itself
     (50, 50, 1000, False, 2, 2, False),  # window wider than the sequence
@@ -109,11 +109,11 @@ def test_no_future_leak(backend):
     base = sla.attention(q, k, v, "sliding_window", window=20, causal=True, backend=backend)
     t = 97
     k2, v2 = k.clone(), v.clone()
-    k2[:, :, t + 1:] += 100.0
-    v2[:, :, t + 1:] *= -50.0
+    k2[:, :, t + 1 :] += 100.0
+    v2[:, :, t + 1 :] *= -50.0
     out = sla.attention(q, k2, v2, "sliding_window", window=20, causal=True, backend=backend)
     torch.testing.assert_close(out[:, :, : t + 1], base[:, :, : t + 1], atol=1e-6, rtol=0)
-    assert (out[:, :, t + 1:] - base[:, :, t + 1:]).abs().max() > 1e-2  # the perturbation is visible later
+    assert (out[:, :, t + 1 :] - base[:, :, t + 1 :]).abs().max() > 1e-2  # the perturbation is visible later
 
 
 def test_fully_masked_rows_are_zero_and_finite():
@@ -141,8 +141,9 @@ def test_weights_are_the_band():
 
 @pytest.mark.parametrize("nq,nk,causal", [(33, 33, True), (20, 45, False), (45, 20, True)])
 def test_dense_mask_is_the_definition(nq, nk, causal):
-    assert torch.equal(sla.dense_mask("sliding_window", nq, nk, causal=causal, window=4),
-                       window_mask(nq, nk, 4, causal))
+    assert torch.equal(
+        sla.dense_mask("sliding_window", nq, nk, causal=causal, window=4), window_mask(nq, nk, 4, causal)
+    )
 
 
 @pytest.mark.parametrize("grad", [True, False])

@@ -1,7 +1,5 @@
 """Closed-form visible-key counts (used for FLOPs at any N) against the dense masks they replace."""
 
-import itertools
-
 import pytest
 import torch
 
@@ -35,8 +33,9 @@ def test_per_head_layout_is_averaged_over_heads():
     layout = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0)) < 0.5
     spec = registry.get("block_sparse")
     for causal in (False, True):
-        want = float(sla.dense_mask("block_sparse", 33, 50, causal=causal, block_size=8, layout=layout)
-                     .sum(-1).double().mean())
+        want = float(
+            sla.dense_mask("block_sparse", 33, 50, causal=causal, block_size=8, layout=layout).sum(-1).double().mean()
+        )
         got = spec.visible_keys(33, 50, causal=causal, **spec.resolve_params({"block_size": 8, "layout": layout}))
         assert got == pytest.approx(want, rel=1e-12)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from ..inputs import Call
 _FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
-@lru_cache(maxsize=None)
+@cache
 def _module_missing(module: str) -> str | None:
     # find_spec does not import: xformers warns at import on machines without CUDA, and users
     # who never asked for it must not see that.
@@ -69,16 +69,40 @@ class Backend:
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("torch", None, _FLOATS, True, False,
-                doc="pure PyTorch: SDPA, tiled or chunked kernels; every device and dtype, autograd"),
-        Backend("math", None, _FLOATS, True, True,
-                doc="explicit reference with O(Nq·Nk) memory; the path that returns weights"),
-        Backend("flex", frozenset({"cpu", "cuda"}), frozenset({torch.float16, torch.bfloat16, torch.float32}),
-                frozenset({"cuda"}), False, _flex_missing,
-                doc="torch.nn.attention.flex_attention, compiled; backward on CUDA only"),
-        Backend("xformers", frozenset({"cuda"}), frozenset({torch.float16, torch.bfloat16}), True, False,
-                lambda: _module_missing("xformers"),
-                doc="xformers.ops.memory_efficient_attention; CUDA, fp16/bf16"),
+        Backend(
+            "torch",
+            None,
+            _FLOATS,
+            True,
+            False,
+            doc="pure PyTorch: SDPA, tiled or chunked kernels; every device and dtype, autograd",
+        ),
+        Backend(
+            "math",
+            None,
+            _FLOATS,
+            True,
+            True,
+            doc="explicit reference with O(Nq·Nk) memory; the path that returns weights",
+        ),
+        Backend(
+            "flex",
+            frozenset({"cpu", "cuda"}),
+            frozenset({torch.float16, torch.bfloat16, torch.float32}),
+            frozenset({"cuda"}),
+            False,
+            _flex_missing,
+            doc="torch.nn.attention.flex_attention, compiled; backward on CUDA only",
+        ),
+        Backend(
+            "xformers",
+            frozenset({"cuda"}),
+            frozenset({torch.float16, torch.bfloat16}),
+            True,
+            False,
+            lambda: _module_missing("xformers"),
+            doc="xformers.ops.memory_efficient_attention; CUDA, fp16/bf16",
+        ),
         Backend("module", None, _FLOATS, True, True, doc="an nn.Module variant (learned parameters)"),
         Backend("user", None, _FLOATS, True, True, doc="a user-registered function"),
     )
@@ -128,8 +152,7 @@ def select_backend(spec, call: Call, params: Mapping[str, Any], requested: str =
         reasons.append(f"{name}: {reason}")
     raise BackendUnavailableError(
         f"no backend can run this {spec.name!r} call ({call.device}, {str(call.dtype).replace('torch.', '')}"
-        f"{', grad' if call.requires_grad else ''}{', weights' if call.return_weights else ''}): "
-        + "; ".join(reasons)
+        f"{', grad' if call.requires_grad else ''}{', weights' if call.return_weights else ''}): " + "; ".join(reasons)
     )
 
 

@@ -12,7 +12,6 @@ kernel on CPU). Two conventions differ from ours and are handled here:
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from ..inputs import causal_mask
@@ -31,7 +30,5 @@ def full_sdpa(q, k, v, *, causal, key_padding_mask, scale, return_weights=False)
         kp = ~key_padding_mask[:, None, None, :]
         mask = kp if mask is None else mask & kp
     visible = mask.any(dim=-1, keepdim=True)  # (B or 1, 1, Nq or 1, 1)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask | ~visible, scale=scale, enable_gqa=gqa
-    )
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~visible, scale=scale, enable_gqa=gqa)
     return out * visible.to(out.dtype), None

@@ -50,7 +50,7 @@ def tile_attention(
         s = q.new_empty(n, tq, L)
     torch.baddbmm(s, q, k.transpose(1, 2), beta=0, alpha=scale, out=s)  # beta=0: s is only written
     if bias is not None:
-        s[:, :, L - bias.shape[-1]:] += bias
+        s[:, :, L - bias.shape[-1] :] += bias
     if keep is not None:
         s.masked_fill_(~keep, float("-inf"))
     # In place: a second score-sized buffer per call cost ~15% (allocation and page faults).

@@ -44,7 +44,9 @@ def sliding_window_bias(window: int, causal: bool):
     window_right)`` lets query ``i`` see key ``j`` iff ``i − window_left ≤ j + (Nq − Nk) ≤ i +
     window_right``, our bottom-right aligned window with ``window_left = window`` and
     ``window_right = window`` (``0`` when causal)."""
-    return xops().fmha.attn_bias.LocalAttentionFromBottomRightMask(window_left=window, window_right=0 if causal else window)
+    return xops().fmha.attn_bias.LocalAttentionFromBottomRightMask(
+        window_left=window, window_right=0 if causal else window
+    )
 
 
 def full_xformers(q, k, v, *, causal, key_padding_mask, scale, return_weights=False):
@@ -94,8 +96,8 @@ def sliding_window_xformers(q, k, v, *, causal, key_padding_mask, scale, return_
     out = out.transpose(1, 2)
     # Query i sees keys [i + off − window, i + off + right] ∩ [0, Nk); empty only at the ends.
     off = nk - nq
-    first = max(0, min(nq, -(off + right)))          # queries before this see no key
-    last = max(first, min(nq, nk - off + window))    # queries from here on see no key
+    first = max(0, min(nq, -(off + right)))  # queries before this see no key
+    last = max(first, min(nq, nk - off + window))  # queries from here on see no key
     if first > 0 or last < nq:
         keep = torch.zeros(nq, 1, dtype=torch.bool, device=out.device)
         keep[first:last] = True

@@ -18,6 +18,7 @@ def __getattr__(name):  # the runner pulls in torch-heavy modules only when aske
         return getattr(runner, name)
     raise AttributeError(name)
 
+
 __all__ = ["BenchVariant", "SweepSettings", "parse_seq_lens", "parse_variant_spec", "run_sweep", "main"]
 
 

@@ -19,9 +19,26 @@ DEFAULT_CANDIDATES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("performer", {"num_features": 256}),
 )
 DEFAULTS: dict[str, Any] = dict(
-    seq_lens="1k,2k,4k,8k", batch=1, heads=8, head_dim=64, dtype="float32", device="auto", causal=False,
-    backward=False, inputs="local", temperature=1.0, repeats=5, warmup=1, seed=0, out="bench-out",
-    resume=False, plot=True, max_time_per_point=5.0, real_layer=3, reference_max_n=None, threads=None,
+    seq_lens="1k,2k,4k,8k",
+    batch=1,
+    heads=8,
+    head_dim=64,
+    dtype="float32",
+    device="auto",
+    causal=False,
+    backward=False,
+    inputs="local",
+    temperature=1.0,
+    repeats=5,
+    warmup=1,
+    seed=0,
+    out="bench-out",
+    resume=False,
+    plot=True,
+    max_time_per_point=5.0,
+    real_layer=3,
+    reference_max_n=None,
+    threads=None,
 )
 
 
@@ -43,13 +60,20 @@ def _parser() -> argparse.ArgumentParser:
         description="Accuracy-versus-cost benchmarks of sparse_linear_attn variants across sequence lengths.",
     )
     sub = ap.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run a sweep; writes OUT/results.jsonl, results.csv and PNGs",
-                       description="Run a sweep. Options given here override those of --config.")
+    r = sub.add_parser(
+        "run",
+        help="run a sweep; writes OUT/results.jsonl, results.csv and PNGs",
+        description="Run a sweep. Options given here override those of --config.",
+    )
     r.add_argument("--config", help="study file (.yaml/.yml/.json/.toml) with these options and 'variants'")
-    r.add_argument("--variants", nargs="+", metavar="SPEC",
-                   help="variant specs name[:key=value,...], e.g. full sliding_window:window=256 "
-                        "performer:num_features=256 full:backend=math (default: full plus whichever of "
-                        "sliding_window, block_sparse, linear, performer are registered)")
+    r.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="SPEC",
+        help="variant specs name[:key=value,...], e.g. full sliding_window:window=256 "
+        "performer:num_features=256 full:backend=math (default: full plus whichever of "
+        "sliding_window, block_sparse, linear, performer are registered)",
+    )
     r.add_argument("--seq-lens", help=f"comma list, suffixes k/m allowed (default {DEFAULTS['seq_lens']})")
     r.add_argument("--batch", type=int)
     r.add_argument("--heads", type=int)
@@ -57,24 +81,40 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"])
     r.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
     r.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None, help="causal masking (default off)")
-    r.add_argument("--backward", action=argparse.BooleanOptionalAction, default=None,
-                   help="time forward+backward instead of forward")
-    r.add_argument("--inputs", choices=["random", "local", "peaked", "real"],
-                   help="input kind (default local: attention mass decays with distance, as in language models)")
+    r.add_argument(
+        "--backward",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time forward+backward instead of forward",
+    )
+    r.add_argument(
+        "--inputs",
+        choices=["random", "local", "peaked", "real"],
+        help="input kind (default local: attention mass decays with distance, as in language models)",
+    )
     r.add_argument("--temperature", type=float, help="multiplies q (logit scale) for synthetic inputs")
     r.add_argument("--repeats", type=int, help="timed repeats after warm-up (default 5)")
     r.add_argument("--warmup", type=int, help="untimed calls after the first (default 1)")
     r.add_argument("--seed", type=int)
     r.add_argument("--out", help=f"output folder (default {DEFAULTS['out']})")
     r.add_argument("--resume", action="store_true", default=None, help="skip points already in OUT/results.jsonl")
-    r.add_argument("--plot", action=argparse.BooleanOptionalAction, default=None,
-                   help="draw the PNGs at the end (--no-plot: don't)")
-    r.add_argument("--max-time-per-point", type=float,
-                   help="seconds the timed repeats of one point may take (default 5)")
-    r.add_argument("--reference-max-n", type=int,
-                   help="longest N at which exact references (errors) are computed (default: no limit)")
-    r.add_argument("--threads", type=int,
-                   help="torch intra-op threads (default: torch's). On a shared CPU, 1 gives steadier times")
+    r.add_argument(
+        "--plot",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="draw the PNGs at the end (--no-plot: don't)",
+    )
+    r.add_argument(
+        "--max-time-per-point", type=float, help="seconds the timed repeats of one point may take (default 5)"
+    )
+    r.add_argument(
+        "--reference-max-n",
+        type=int,
+        help="longest N at which exact references (errors) are computed (default: no limit)",
+    )
+    r.add_argument(
+        "--threads", type=int, help="torch intra-op threads (default: torch's). On a shared CPU, 1 gives steadier times"
+    )
     r.add_argument("--real-layer", type=int, help="layer whose Q/K/V --inputs real captures (default 3)")
 
     p = sub.add_parser("plot", help="draw PNGs and results.csv from a results.jsonl")
@@ -95,8 +135,9 @@ def _settings(args: argparse.Namespace):
         entries = study.pop("variants", None)
         unknown = [k for k in study if k not in DEFAULTS]
         if unknown:
-            raise ValueError(f"study file {args.config!r}: unknown option(s) {unknown}; accepted: "
-                             f"variants, {', '.join(DEFAULTS)}")
+            raise ValueError(
+                f"study file {args.config!r}: unknown option(s) {unknown}; accepted: variants, {', '.join(DEFAULTS)}"
+            )
         opts.update(study)
         if entries is not None:
             if not isinstance(entries, list):
@@ -120,8 +161,19 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def summary_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    cols = ["variant", "N", "backend", "status", "median ms", "IQR ms", "TFLOP/s", "peak MiB",
-            "err vs full", "err vs math", "e2e cos"]
+    cols = [
+        "variant",
+        "N",
+        "backend",
+        "status",
+        "median ms",
+        "IQR ms",
+        "TFLOP/s",
+        "peak MiB",
+        "err vs full",
+        "err vs math",
+        "e2e cos",
+    ]
     rows = []
     for r in records:
         iqr = None
@@ -130,10 +182,21 @@ def summary_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[st
         status = r.get("status", "?")
         if status != "ok" and r.get("reason"):
             status += f": {r['reason'][:48]}…"
-        rows.append([r.get("label") or r["variant"], str(r["n"]), r.get("backend") or "-", status,
-                     _fmt(r.get("time_ms_median"), ".2f"), _fmt(iqr, ".2f"), _fmt(r.get("tflops"), ".3f"),
-                     _fmt(r.get("peak_mem_mb"), ".1f"), _fmt(r.get("rel_error_vs_full"), ".2e"),
-                     _fmt(r.get("rel_error_backend"), ".2e"), _fmt(r.get("e2e_cosine"), ".4f")])
+        rows.append(
+            [
+                r.get("label") or r["variant"],
+                str(r["n"]),
+                r.get("backend") or "-",
+                status,
+                _fmt(r.get("time_ms_median"), ".2f"),
+                _fmt(iqr, ".2f"),
+                _fmt(r.get("tflops"), ".3f"),
+                _fmt(r.get("peak_mem_mb"), ".1f"),
+                _fmt(r.get("rel_error_vs_full"), ".2e"),
+                _fmt(r.get("rel_error_backend"), ".2e"),
+                _fmt(r.get("e2e_cosine"), ".4f"),
+            ]
+        )
     return cols, rows
 
 
@@ -145,8 +208,7 @@ def print_summary(records: list[dict[str, Any]], title: str = "") -> None:
 
         t = Table(title=title or None, show_lines=False)
         for c in cols:
-            t.add_column(c, justify="left" if c in ("variant", "backend", "status") else "right",
-                         overflow="fold")
+            t.add_column(c, justify="left" if c in ("variant", "backend", "status") else "right", overflow="fold")
         for row in rows:
             t.add_row(*row)
         Console(width=max(140, Console().width)).print(t)
@@ -176,8 +238,13 @@ class _Progress:
         try:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), transient=False)
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                transient=False,
+            )
             self.bar.start()
             self.task = self.bar.add_task("sla-bench", total=total, completed=done)
             self.kind = "rich"
@@ -223,9 +290,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"sla-bench: {reason}", file=sys.stderr)
             return 2
     device = settings.resolved_device()
-    print(f"sla-bench run: {len(settings.variants)} variant(s) x {len(settings.seq_lens)} length(s) on {device}"
-          f" ({settings.dtype}, causal={settings.causal}, {'fwd+bwd' if settings.backward else 'forward'}, "
-          f"inputs={settings.inputs}) -> {settings.out}/results.jsonl", flush=True)
+    print(
+        f"sla-bench run: {len(settings.variants)} variant(s) x {len(settings.seq_lens)} length(s) on {device}"
+        f" ({settings.dtype}, causal={settings.causal}, {'fwd+bwd' if settings.backward else 'forward'}, "
+        f"inputs={settings.inputs}) -> {settings.out}/results.jsonl",
+        flush=True,
+    )
     prog = _Progress()
     try:
         records = run_sweep(settings, on_start=prog.start, on_record=prog.update)

@@ -73,6 +73,8 @@ def make_inputs(
         # Logit of a matched key ≈ (3/√P)·‖k‖²/√D = 1.5·√D (P = 4), far above the O(1) others.
         q = 3.0 * picked.sum(dim=3) / math.sqrt(PEAKED_MATCHES) + 0.5 * torch.randn(shape, generator=gen)
     else:
-        raise ValueError(f"unknown synthetic input kind {kind!r}; accepted: random, local, peaked (real: see bench.real)")
+        raise ValueError(
+            f"unknown synthetic input kind {kind!r}; accepted: random, local, peaked (real: see bench.real)"
+        )
     v = torch.randn(shape, generator=gen)
     return q * temperature, k, v

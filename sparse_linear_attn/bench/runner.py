@@ -37,8 +37,22 @@ from .spec import BenchVariant
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 #: Fields that identify a measurement (``--resume`` skips records whose key is present).
-KEY_FIELDS = ("variant", "params", "backend_requested", "n", "batch", "heads", "head_dim", "dtype",
-              "device", "causal", "backward", "inputs", "temperature", "seed")
+KEY_FIELDS = (
+    "variant",
+    "params",
+    "backend_requested",
+    "n",
+    "batch",
+    "heads",
+    "head_dim",
+    "dtype",
+    "device",
+    "causal",
+    "backward",
+    "inputs",
+    "temperature",
+    "seed",
+)
 RESULTS = "results.jsonl"
 
 
@@ -87,7 +101,9 @@ class SweepSettings:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if not self.variants:
             raise ValueError("no variants to benchmark")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
             raise ValueError(f"threads must be an int >= 1 or None, got {self.threads!r}")
 
     def resolved_device(self) -> torch.device:
@@ -245,8 +261,9 @@ class _Point:
             q, k, v, note = real_qkv(n, layer=s.real_layer, batch=s.batch)
             self.notes.append(note)
         else:
-            q, k, v = make_inputs(s.inputs, s.batch, s.heads, n, s.head_dim,
-                                  temperature=s.temperature, causal=s.causal, seed=s.seed)
+            q, k, v = make_inputs(
+                s.inputs, s.batch, s.heads, n, s.head_dim, temperature=s.temperature, causal=s.causal, seed=s.seed
+            )
         # Inputs are rounded to the run dtype once; references use these same values upcast.
         self.q, self.k, self.v = (t.to(device=device, dtype=self.dtype) for t in (q, k, v))
         self.refs: dict[Any, tuple[torch.Tensor | None, str]] = {}
@@ -315,16 +332,38 @@ def measure(bv: BenchVariant, pt: _Point, s: SweepSettings) -> dict[str, Any]:
     dev = pt.device
     B, H, N, D = pt.shape
     rec: dict[str, Any] = {
-        "status": "ok", "reason": None, "backend": None, "exact": info.exact, "cost": info.cost,
-        "repeats_done": 0, "first_call_ms": None, "time_ms_median": None, "time_ms_p25": None,
-        "time_ms_p75": None, "time_ms_min": None, "time_ms_max": None, "peak_mem_mb": None,
-        "mem_method": None, "avg_visible_keys": None, "flops": None, "flops_method": None,
-        "tflops": None, "rel_error_vs_full": None, "error_reference": None, "rel_error_backend": None,
-        "backend_reference": None, "error_note": None, "e2e_cosine": None, "e2e_cosine_min": None,
+        "status": "ok",
+        "reason": None,
+        "backend": None,
+        "exact": info.exact,
+        "cost": info.cost,
+        "repeats_done": 0,
+        "first_call_ms": None,
+        "time_ms_median": None,
+        "time_ms_p25": None,
+        "time_ms_p75": None,
+        "time_ms_min": None,
+        "time_ms_max": None,
+        "peak_mem_mb": None,
+        "mem_method": None,
+        "avg_visible_keys": None,
+        "flops": None,
+        "flops_method": None,
+        "tflops": None,
+        "rel_error_vs_full": None,
+        "error_reference": None,
+        "rel_error_backend": None,
+        "backend_reference": None,
+        "error_note": None,
+        "e2e_cosine": None,
+        "e2e_cosine_min": None,
         "e2e_note": None,
     }
-    rec.update(count_flops(bv.name, bv.params, batch=B, heads=H, nq=N, nk=N, head_dim=D, v_dim=D,
-                           causal=s.causal, backward=s.backward))
+    rec.update(
+        count_flops(
+            bv.name, bv.params, batch=B, heads=H, nq=N, nk=N, head_dim=D, v_dim=D, causal=s.causal, backward=s.backward
+        )
+    )
     notes: list[str] = list(pt.notes)
 
     leaves = [t.detach().clone().requires_grad_(s.backward) for t in (pt.q, pt.k, pt.v)]
@@ -352,8 +391,10 @@ def measure(bv: BenchVariant, pt: _Point, s: SweepSettings) -> dict[str, Any]:
         avail = _available_bytes(dev)
         if need > avail:
             # On CPU the kernel's OOM killer would end the process instead of raising.
-            rec.update(status="oom", reason=f"predicted: the math backend needs ~{_gib(need)}, "
-                                            f"{_gib(avail)} available; not run")
+            rec.update(
+                status="oom",
+                reason=f"predicted: the math backend needs ~{_gib(need)}, {_gib(avail)} available; not run",
+            )
             return rec
 
     def forward() -> torch.Tensor:
@@ -448,10 +489,21 @@ def measure(bv: BenchVariant, pt: _Point, s: SweepSettings) -> dict[str, Any]:
 def _ident(bv: BenchVariant, n: int, s: SweepSettings, device: torch.device, shape=None) -> dict[str, Any]:
     B, H, D = (s.batch, s.heads, s.head_dim) if shape is None else (shape[0], shape[1], shape[3])
     return {
-        "variant": bv.name, "params": bv.params_json(), "label": bv.label,
-        "backend_requested": bv.backend, "n": n, "batch": B, "heads": H, "head_dim": D,
-        "dtype": s.dtype, "device": device.type, "causal": s.causal, "backward": s.backward,
-        "inputs": s.inputs, "temperature": s.temperature, "seed": s.seed,
+        "variant": bv.name,
+        "params": bv.params_json(),
+        "label": bv.label,
+        "backend_requested": bv.backend,
+        "n": n,
+        "batch": B,
+        "heads": H,
+        "head_dim": D,
+        "dtype": s.dtype,
+        "device": device.type,
+        "causal": s.causal,
+        "backward": s.backward,
+        "inputs": s.inputs,
+        "temperature": s.temperature,
+        "seed": s.seed,
     }
 
 
@@ -512,16 +564,23 @@ def run_sweep(
                 try:
                     point = _Point(s, n, device)
                 except Exception as e:  # noqa: BLE001
-                    rec = {**ident, "status": "oom" if is_oom(e) else "error",
-                           "reason": f"making inputs failed: {type(e).__name__}: {e}"[:2000]}
+                    rec = {
+                        **ident,
+                        "status": "oom" if is_oom(e) else "error",
+                        "reason": f"making inputs failed: {type(e).__name__}: {e}"[:2000],
+                    }
                     rec.update(env=env, timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat())
                     writer.write(rec)
                     results.append(rec)
                     if on_record:
                         on_record(rec, False)
                     continue
-            rec = {**ident, **measure(bv, point, s), "env": env,
-                   "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat()}
+            rec = {
+                **ident,
+                **measure(bv, point, s),
+                "env": env,
+                "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            }
             writer.write(rec)
             results.append(rec)
             if on_record:

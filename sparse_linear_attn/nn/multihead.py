@@ -36,7 +36,7 @@ from .. import registry
 from ..api import AttentionModule, _resolve_scale, _run
 from ..config import AttentionConfig, to_config
 from ..errors import ShapeError, unknown_name_message
-from ..inputs import causal_offset, causal_mask, full_visibility
+from ..inputs import causal_mask, causal_offset, full_visibility
 from .dense import masked_biased_attention, split_float_mask
 from .positional import POSITIONAL, ALiBi, RotaryEmbedding, sinusoidal_encoding
 
@@ -121,16 +121,19 @@ class MultiheadAttention(nn.Module):
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1 \
-                or num_heads % num_kv_heads:
+        if (
+            isinstance(num_kv_heads, bool)
+            or not isinstance(num_kv_heads, int)
+            or num_kv_heads < 1
+            or num_heads % num_kv_heads
+        ):
             raise ValueError(
                 f"num_kv_heads must be a positive int dividing num_heads ({num_heads}), got {num_kv_heads!r}"
             )
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         if positional is not None and positional not in POSITIONAL:
-            raise ValueError(unknown_name_message("positional encoding", str(positional), POSITIONAL)
-                             + " Or None.")
+            raise ValueError(unknown_name_message("positional encoding", str(positional), POSITIONAL) + " Or None.")
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.kdim = kdim if kdim is not None else embed_dim
@@ -147,8 +150,13 @@ class MultiheadAttention(nn.Module):
         config = _attention_config(attention)
         spec = registry.get(config.variant)
         if "head_dim" in spec.params and "head_dim" not in config.params:
-            config = AttentionConfig(config.variant, config.causal, config.scale, config.backend,
-                                     {**config.params, "head_dim": self.head_dim})
+            config = AttentionConfig(
+                config.variant,
+                config.causal,
+                config.scale,
+                config.backend,
+                {**config.params, "head_dim": self.head_dim},
+            )
         self.attn = AttentionModule(config)
         self.spec = spec
 
@@ -173,8 +181,10 @@ class MultiheadAttention(nn.Module):
                 f"(swap_attention(..., dropout=0.0) does it for every layer) and regularise elsewhere."
             )
         if positional == "rope" and self.head_dim % 2:
-            raise ValueError(f"positional='rope' needs an even head_dim, got {self.head_dim} "
-                             f"(embed_dim={embed_dim}, num_heads={num_heads})")
+            raise ValueError(
+                f"positional='rope' needs an even head_dim, got {self.head_dim} "
+                f"(embed_dim={embed_dim}, num_heads={num_heads})"
+            )
         self.rotary = RotaryEmbedding(self.head_dim, base=rope_base) if positional == "rope" else None
         self.alibi = ALiBi(num_heads) if positional == "alibi" else None
         self.rope_base = float(rope_base)
@@ -240,7 +250,7 @@ class MultiheadAttention(nn.Module):
         *,
         positional: str | None = None,
         dropout: float | None = None,
-    ) -> "MultiheadAttention":
+    ) -> MultiheadAttention:
         """A layer with ``mha``'s configuration and weights (copied), running ``attention``.
 
         ``dropout=None`` keeps ``mha.dropout``; variants without a weight matrix need 0.0.
@@ -289,8 +299,9 @@ class MultiheadAttention(nn.Module):
         in the query's layout and, if ``need_weights``, weights ``(B, L, S)`` averaged over
         heads or ``(B, H, L, S)``."""
         if query.is_nested:
-            return self._forward_nested(query, key, value, key_padding_mask, need_weights, attn_mask,
-                                        average_attn_weights, is_causal)
+            return self._forward_nested(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+            )
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
             raise ShapeError(
                 f"query, key and value must all be 3-D (batched) or 2-D (unbatched); got query "
@@ -303,16 +314,18 @@ class MultiheadAttention(nn.Module):
                 key_padding_mask = key_padding_mask[None]
         elif not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        out, weights = self._attend(query, key, value, key_padding_mask, need_weights, attn_mask,
-                                    average_attn_weights, is_causal)
+        out, weights = self._attend(
+            query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+        )
         if not batched:
             return out[0], (None if weights is None else weights[0])
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
 
-    def _forward_nested(self, query, key, value, key_padding_mask, need_weights, attn_mask,
-                        average_attn_weights, is_causal):
+    def _forward_nested(
+        self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+    ):
         # nn.TransformerEncoder turns padded batches into nested tensors in inference; pad them
         # back (the padding becomes a key_padding_mask) so the variant runs on a dense batch.
         if not (query is key and key is value) or key_padding_mask is not None or attn_mask is not None:
@@ -352,8 +365,9 @@ class MultiheadAttention(nn.Module):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         q_in, k_in = query, key
         if self.positional == "sinusoidal":
-            q_in = query + sinusoidal_encoding(Nq, E, base=self.rope_base, offset=causal_offset(Nq, Nk),
-                                                device=query.device, dtype=query.dtype)
+            q_in = query + sinusoidal_encoding(
+                Nq, E, base=self.rope_base, offset=causal_offset(Nq, Nk), device=query.device, dtype=query.dtype
+            )
             k_in = key + sinusoidal_encoding(Nk, self.kdim, base=self.rope_base, device=key.device, dtype=key.dtype)
         (w_q, b_q), (w_k, b_k), (w_v, b_v) = self._projections()
         q = F.linear(q_in, w_q, b_q).reshape(B, Nq, H, D).transpose(1, 2)
@@ -384,7 +398,11 @@ class MultiheadAttention(nn.Module):
         if is_causal and (attn_mask is None or Nq == Nk):
             # Like nn.MultiheadAttention, trust the hint for square masks (and allow it alone).
             causal, am_visible, am_bias = True, None, None
-        elif am_visible is not None and am_bias is None and bool((am_visible == causal_mask(Nq, Nk, device=q.device)).all()):
+        elif (
+            am_visible is not None
+            and am_bias is None
+            and bool((am_visible == causal_mask(Nq, Nk, device=q.device)).all())
+        ):
             causal, am_visible = True, None  # a causal mask given explicitly: the variant does it cheaply
 
         extra = (self.bias_k is not None) + bool(self.add_zero_attn)
@@ -414,15 +432,22 @@ class MultiheadAttention(nn.Module):
             ab = F.pad(ab, (0, Nk_all - Nk))[None]
             bias = ab if bias is None else bias + ab
         dropout_p = self.dropout if self.training else 0.0
-        reasons = [r for r, on in (
-            ("an arbitrary attn_mask", am_visible is not None),
-            ("a float mask with finite non-zero entries (a score bias)", am_bias is not None or kp_bias is not None),
-            ("positional='alibi'", self.alibi is not None),
-            (f"attention dropout ({self.dropout}) in training", dropout_p > 0.0),
-            ("add_bias_kv/add_zero_attn with a causal mask", extra and am_visible is not None),
-            # The appended keys sit outside the pattern (visible to every query): dense path.
-            ("add_bias_kv/add_zero_attn with a patterned variant", extra and self.spec.mask_fn is not None),
-        ) if on]
+        reasons = [
+            r
+            for r, on in (
+                ("an arbitrary attn_mask", am_visible is not None),
+                (
+                    "a float mask with finite non-zero entries (a score bias)",
+                    am_bias is not None or kp_bias is not None,
+                ),
+                ("positional='alibi'", self.alibi is not None),
+                (f"attention dropout ({self.dropout}) in training", dropout_p > 0.0),
+                ("add_bias_kv/add_zero_attn with a causal mask", extra and am_visible is not None),
+                # The appended keys sit outside the pattern (visible to every query): dense path.
+                ("add_bias_kv/add_zero_attn with a patterned variant", extra and self.spec.mask_fn is not None),
+            )
+            if on
+        ]
 
         spec = self.spec
         if reasons:
@@ -437,19 +462,29 @@ class MultiheadAttention(nn.Module):
             only_dropout = am_visible is None and kp_visible is None and bias is None and spec.mask_fn is None
             if only_dropout and not need_weights and (not causal or Nq == Nk_all):
                 # Dropout alone keeps SDPA's fused kernels (top-left causal = ours when square).
-                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale,
-                                                     enable_gqa=Hkv != H)
+                out = F.scaled_dot_product_attention(
+                    q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=Hkv != H
+                )
                 return self._finish(out, None, B, Nq, E, average)
             params = self.attn.params
             pattern = spec.mask_fn(Nq, Nk, causal=pattern_causal, **params) if spec.mask_fn is not None else None
             if pattern is not None:
                 pattern = F.pad(pattern.to(q.device), (0, Nk_all - Nk), value=True)
-            visible = full_visibility(Nq, Nk_all, causal=causal, key_padding_mask=None, pattern=pattern, device=q.device)
+            visible = full_visibility(
+                Nq, Nk_all, causal=causal, key_padding_mask=None, pattern=pattern, device=q.device
+            )
             for m in (am_visible, kp_visible):
                 if m is not None:
                     visible = m if visible is None else visible & m
             out, weights = masked_biased_attention(
-                q, k, v, scale=scale, visible=visible, bias=bias, dropout_p=dropout_p, return_weights=need_weights,
+                q,
+                k,
+                v,
+                scale=scale,
+                visible=visible,
+                bias=bias,
+                dropout_p=dropout_p,
+                return_weights=need_weights,
             )
         else:
             if need_weights and not spec.supports.weights:
@@ -460,9 +495,19 @@ class MultiheadAttention(nn.Module):
                 )
             kpm_bool = None if kp_visible is None else ~kp_visible[:, 0, 0, :]
             c = self.attn.config
-            res = _run(spec, q, k, v, causal=causal, key_padding_mask=kpm_bool, scale=c.scale,
-                       return_weights=need_weights, backend=c.backend, params=self.attn.params,
-                       module=self.attn.impl)
+            res = _run(
+                spec,
+                q,
+                k,
+                v,
+                causal=causal,
+                key_padding_mask=kpm_bool,
+                scale=c.scale,
+                return_weights=need_weights,
+                backend=c.backend,
+                params=self.attn.params,
+                module=self.attn.impl,
+            )
             out, weights = res if need_weights else (res, None)
         return self._finish(out, weights, B, Nq, E, average)
 

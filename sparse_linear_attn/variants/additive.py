@@ -73,7 +73,10 @@ class AdditiveAttention(nn.Module):
         for s in range(0, Nq, chunk):
             e = min(Nq, s + chunk)
             args = (pq[:, :, :, s:e], pk, vg, self.w.to(dtype))
-            step = lambda a, b, c, d, s=s, e=e: self._chunk(a, b, c, d, s, e, Nq, Nk, causal, pad, scale)
+
+            def step(a, b, c, d, s=s, e=e):
+                return self._chunk(a, b, c, d, s, e, Nq, Nk, causal, pad, scale)
+
             if use_ckpt and not return_weights:
                 o, _ = checkpoint(step, *args, use_reentrant=False)
             else:

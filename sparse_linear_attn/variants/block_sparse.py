@@ -34,8 +34,8 @@ group.
 from __future__ import annotations
 
 import hashlib
-from functools import lru_cache
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -174,8 +174,9 @@ def resolve_layout(nq: int, nk: int, *, causal: bool, heads: int | None = None, 
     if params.get("layout") is not None:
         return check_layout(params["layout"], nqb, nkb, heads)
     names = ("num_local_blocks", "num_global_blocks", "num_random_blocks", "stride", "seed")
-    return _pattern_layout(params.get("pattern") or "local", nqb, nkb, causal=causal,
-                          **{n: params[n] for n in names if n in params})
+    return _pattern_layout(
+        params.get("pattern") or "local", nqb, nkb, causal=causal, **{n: params[n] for n in names if n in params}
+    )
 
 
 def block_sparse_mask(nq: int, nk: int, *, causal: bool = False, **params) -> torch.Tensor:
@@ -263,12 +264,31 @@ def _diagonal_mask(c: int, bs: int, dtype: torch.dtype, device: torch.device) ->
     """
     r = torch.arange(bs, device=device)
     mask = torch.zeros(bs, c * bs, dtype=dtype, device=device)
-    mask[:, (c - 1) * bs:].masked_fill_(r[None, :] > r[:, None], float("-inf"))
+    mask[:, (c - 1) * bs :].masked_fill_(r[None, :] > r[:, None], float("-inf"))
     return mask
 
 
-def _group(q, k, v, kpm, rows, counts, cols, *, bs, causal, scale, nq, nk, per_head, mask_kind, fix_empty,
-           diagonal=None, bufs=None, bmm=False):
+def _group(
+    q,
+    k,
+    v,
+    kpm,
+    rows,
+    counts,
+    cols,
+    *,
+    bs,
+    causal,
+    scale,
+    nq,
+    nk,
+    per_head,
+    mask_kind,
+    fix_empty,
+    diagonal=None,
+    bufs=None,
+    bmm=False,
+):
     """Attention of one group of rows over their gathered key tiles.
 
     Returns ``(out, qidx)``: ``out (B·g·H', bs, Dv)`` and the rows of ``q.view(-1, bs, D)`` it
@@ -299,7 +319,7 @@ def _group(q, k, v, kpm, rows, counts, cols, *, bs, causal, scale, nq, nk, per_h
     qg = q.reshape(-1, bs * D).index_select(0, qidx).view(B * g, hq_, bs, D)
     # Without autograd the caller lends reusable buffers: they stay warm in cache.
     fits = bufs is not None and bufs[0].shape[0] >= kidx.shape[0]
-    kbuf, vbuf = (bufs[0][:kidx.shape[0]], bufs[1][:kidx.shape[0]]) if fits else (None, None)
+    kbuf, vbuf = (bufs[0][: kidx.shape[0]], bufs[1][: kidx.shape[0]]) if fits else (None, None)
     kg = torch.index_select(k.reshape(-1, bs * D), 0, kidx, out=kbuf).view(B * g, hk_, c * bs, D)
     vg = torch.index_select(v.reshape(-1, bs * Dv), 0, kidx, out=vbuf).view(B * g, hk_, c * bs, Dv)
     mask = visible = None
@@ -331,8 +351,15 @@ def _group(q, k, v, kpm, rows, counts, cols, *, bs, causal, scale, nq, nk, per_h
             bias = mask if rep == 1 else mask.repeat(rep, 1)
         elif mask_kind == "general":
             keep = mask[:, :, None].expand(B * g, hk_, rep, bs, L).reshape(n, rep * bs, L)
-        out = tile_attention(qg.reshape(n, rep * bs, D), kg.reshape(n, L, D), vg.reshape(n, L, Dv),
-                             scale=scale, bias=bias, keep=keep, scores=bufs[2] if fits else None).view(B * g, hq_, bs, Dv)
+        out = tile_attention(
+            qg.reshape(n, rep * bs, D),
+            kg.reshape(n, L, D),
+            vg.reshape(n, L, Dv),
+            scale=scale,
+            bias=bias,
+            keep=keep,
+            scores=bufs[2] if fits else None,
+        ).view(B * g, hq_, bs, Dv)
     else:
         out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale, enable_gqa=hq_ != hk_)
     if visible is not None:
@@ -343,8 +370,9 @@ def _group(q, k, v, kpm, rows, counts, cols, *, bs, causal, scale, nq, nk, per_h
 def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, **params):
     """Exact block-sparse attention gathering only the active tiles (see the module docstring)."""
     if return_weights:
-        return block_sparse_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
-                                      scale=scale, return_weights=True, **params)
+        return block_sparse_reference(
+            q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, return_weights=True, **params
+        )
     B, H, nq, D = q.shape
     Hkv, nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     bs = params["block_size"]
@@ -391,11 +419,18 @@ def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weigh
         while run < n_rows and run - start < MIN_UNIFORM_ROWS and (counts_sorted[run], simple_sorted[run]) == (c0, s0):
             run += 1
         # Short runs are merged into a general group: fewer, larger ops beat a constant mask.
-        uniform = (kpm is None and (not ragged or (causal and nq == nk)) and (s0 or not causal)
-                   and run - start >= min(MIN_UNIFORM_ROWS, n_rows - start))
+        uniform = (
+            kpm is None
+            and (not ragged or (causal and nq == nk))
+            and (s0 or not causal)
+            and run - start >= min(MIN_UNIFORM_ROWS, n_rows - start)
+        )
         stop = start + 1
-        while (stop < n_rows and (stop + 1 - start) * counts_sorted[stop] * per_block <= budget
-               and (not uniform or (counts_sorted[stop] == c0 and simple_sorted[stop] == s0))):
+        while (
+            stop < n_rows
+            and (stop + 1 - start) * counts_sorted[stop] * per_block <= budget
+            and (not uniform or (counts_sorted[stop] == c0 and simple_sorted[stop] == s0))
+        ):
             stop += 1
         mask_kind = ("diagonal" if causal else None) if uniform else "general"
         rows = order[start:stop]
@@ -479,8 +514,16 @@ def block_sparse_flex(q, k, v, *, causal, key_padding_mask, scale, return_weight
     names = ("block_size", "pattern", "num_local_blocks", "num_global_blocks", "num_random_blocks", "stride", "seed")
     key = None
     if kpm is None:
-        key = ("block_sparse", nq, nk, H, causal, str(q.device), _layout_key(params.get("layout")),
-               *(params.get(n) for n in names))
+        key = (
+            "block_sparse",
+            nq,
+            nk,
+            H,
+            causal,
+            str(q.device),
+            _layout_key(params.get("layout")),
+            *(params.get(n) for n in names),
+        )
     return flex_run(q, k, v, block_mask=cached_block_mask(key, build), scale=scale), None
 
 
@@ -490,12 +533,16 @@ def _check_params(p: Mapping[str, Any]) -> str | None:
     if p["pattern"] is not None and p["pattern"] not in PATTERNS:
         return unknown_name_message("pattern", str(p["pattern"]), PATTERNS)
     if p["pattern"] == "fixed" and p["num_global_blocks"] > p["num_local_blocks"]:
-        return (f"pattern 'fixed' needs num_global_blocks <= num_local_blocks, got "
-                f"{p['num_global_blocks']} > {p['num_local_blocks']}")
+        return (
+            f"pattern 'fixed' needs num_global_blocks <= num_local_blocks, got "
+            f"{p['num_global_blocks']} > {p['num_local_blocks']}"
+        )
     if p["layout"] is not None:
         lay = p["layout"]
         if isinstance(lay, torch.Tensor) and lay.dtype != torch.bool:
-            return f"layout must have dtype torch.bool (shape (Nq_blocks, Nk_blocks) or (H, ...)), got dtype {lay.dtype}"
+            return (
+                f"layout must have dtype torch.bool (shape (Nq_blocks, Nk_blocks) or (H, ...)), got dtype {lay.dtype}"
+            )
         if isinstance(lay, torch.Tensor) and lay.dim() not in (2, 3):
             return f"layout must have 2 or 3 dims (Nq_blocks, Nk_blocks) or (H, ...), got shape {tuple(lay.shape)}"
         if not isinstance(lay, (torch.Tensor, list, tuple)):
@@ -519,17 +566,28 @@ add(
         cost="O(nnz_blocks·block_size²·D)",
         params={
             "block_size": Param("block_size", 64, "tile size of the layout, in tokens", int_at_least(1)),
-            "pattern": Param("pattern", None,
-                             f"named layout: {', '.join(PATTERNS)} (None: 'local' unless a layout is given)",
-                             _pattern_name),
+            "pattern": Param(
+                "pattern",
+                None,
+                f"named layout: {', '.join(PATTERNS)} (None: 'local' unless a layout is given)",
+                _pattern_name,
+            ),
             "layout": Param("layout", None, "bool (Nq_blocks, Nk_blocks) or (H, Nq_blocks, Nk_blocks) tensor"),
-            "num_local_blocks": Param("num_local_blocks", 3,
-                                      "local/longformer/bigbird: own block and n−1 on each side; fixed: chunk length",
-                                      int_at_least(1)),
-            "num_global_blocks": Param("num_global_blocks", 1, "fixed: summary blocks per chunk; "
-                                       "longformer/bigbird: global blocks at the start", int_at_least(0)),
-            "num_random_blocks": Param("num_random_blocks", 2, "bigbird: random key blocks per query block",
-                                       int_at_least(0)),
+            "num_local_blocks": Param(
+                "num_local_blocks",
+                3,
+                "local/longformer/bigbird: own block and n−1 on each side; fixed: chunk length",
+                int_at_least(1),
+            ),
+            "num_global_blocks": Param(
+                "num_global_blocks",
+                1,
+                "fixed: summary blocks per chunk; longformer/bigbird: global blocks at the start",
+                int_at_least(0),
+            ),
+            "num_random_blocks": Param(
+                "num_random_blocks", 2, "bigbird: random key blocks per query block", int_at_least(0)
+            ),
             "stride": Param("stride", 4, "strided: local width and stride, in blocks", int_at_least(1)),
             "seed": Param("seed", 0, "bigbird: seed of the random blocks", int_at_least(0)),
         },

@@ -18,9 +18,7 @@ from ..registry import Impl, Supports, VariantSpec, add
 
 def full_reference(q, k, v, *, causal, key_padding_mask, scale, return_weights=False):
     """Dense masked softmax: the ``math`` backend and the definition the others must match."""
-    mask = full_visibility(
-        q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask, device=q.device
-    )
+    mask = full_visibility(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask, device=q.device)
     return dense_attention(q, k, v, scale=scale, mask=mask, return_weights=return_weights)
 
 

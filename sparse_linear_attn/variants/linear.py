@@ -58,7 +58,11 @@ def _setup(q, k, v, *, scale, key_padding_mask, feature_map, num_features, seed,
         # that torch.manual_seed still makes a run reproducible.
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
     ctx = fmap.prepare(
-        k, scale=scale, num_features=num_features, seed=seed, key_padding_mask=key_padding_mask,
+        k,
+        scale=scale,
+        num_features=num_features,
+        seed=seed,
+        key_padding_mask=key_padding_mask,
         work_dtype=_work_dtype(q.dtype),
     )
     return fmap, ctx
@@ -75,19 +79,38 @@ def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 
 def linear_reference(
-    q, k, v, *, causal, key_padding_mask, scale, return_weights=False,
-    feature_map="elu", num_features=256, seed=0, chunk_size=64, redraw=False,
+    q,
+    k,
+    v,
+    *,
+    causal,
+    key_padding_mask,
+    scale,
+    return_weights=False,
+    feature_map="elu",
+    num_features=256,
+    seed=0,
+    chunk_size=64,
+    redraw=False,
 ):
     """``A = mask ⊙ φ(Q)φ(K)ᵀ``, ``W = A / rowsum(A)``, ``out = W V``. O(Nq·Nk) memory."""
-    fmap, ctx = _setup(q, k, v, scale=scale, key_padding_mask=key_padding_mask, feature_map=feature_map,
-                       num_features=num_features, seed=seed, redraw=redraw)
+    fmap, ctx = _setup(
+        q,
+        k,
+        v,
+        scale=scale,
+        key_padding_mask=key_padding_mask,
+        feature_map=feature_map,
+        num_features=num_features,
+        seed=seed,
+        redraw=redraw,
+    )
     work = _work_dtype(q.dtype)
     H = q.shape[1]
     fq = fmap(q.to(work), ctx, is_query=True)
     fk = repeat_kv(fmap(k.to(work), ctx, is_query=False), H)
     scores = fq @ fk.transpose(-1, -2)
-    mask = full_visibility(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask,
-                           device=q.device)
+    mask = full_visibility(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask, device=q.device)
     if mask is not None:
         scores = scores * mask
     weights = _safe_divide(scores, scores.sum(-1, keepdim=True))
@@ -126,12 +149,32 @@ def _group_length(per_position: int, chunk: int, budget: int | None = None) -> i
 
 
 def linear_chunked(
-    q, k, v, *, causal, key_padding_mask, scale, return_weights=False,
-    feature_map="elu", num_features=256, seed=0, chunk_size=64, redraw=False,
+    q,
+    k,
+    v,
+    *,
+    causal,
+    key_padding_mask,
+    scale,
+    return_weights=False,
+    feature_map="elu",
+    num_features=256,
+    seed=0,
+    chunk_size=64,
+    redraw=False,
 ):
     """The ``torch`` backend: O(N·M·Dv) non-causal, chunkwise O(N·(C·M + M·Dv)) causal."""
-    fmap, ctx = _setup(q, k, v, scale=scale, key_padding_mask=key_padding_mask, feature_map=feature_map,
-                       num_features=num_features, seed=seed, redraw=redraw)
+    fmap, ctx = _setup(
+        q,
+        k,
+        v,
+        scale=scale,
+        key_padding_mask=key_padding_mask,
+        feature_map=feature_map,
+        num_features=num_features,
+        seed=seed,
+        redraw=redraw,
+    )
     work = _work_dtype(q.dtype)
     feats = _Features(fmap, ctx, key_padding_mask, work)
     B, H, Nq, D = q.shape
@@ -172,8 +215,16 @@ def linear_chunked(
         out = q.new_empty(B, H, Nq, Dv)
         if lead:
             out[:, :, :lead] = 0
-        _causal_inference(feats, qg[:, :, :, lead:], k[:, :, k0:], v[:, :, k0:], state,
-                          out.view(B, Hkv, G, Nq, Dv)[:, :, :, lead:], C, k0)
+        _causal_inference(
+            feats,
+            qg[:, :, :, lead:],
+            k[:, :, k0:],
+            v[:, :, k0:],
+            state,
+            out.view(B, Hkv, G, Nq, Dv)[:, :, :, lead:],
+            C,
+            k0,
+        )
         return out, None
     per_position = B * Hkv * (G * (2 * D + M + C + 3 * (Dv + 1)) + D + M + 2 * (Dv + 1) + M * (Dv + 1) // C + 1)
     L = _group_length(per_position, C, GRAD_GROUP_ELEMENTS)
@@ -187,8 +238,8 @@ def linear_chunked(
         n = -(-(e - s) // C)
         pad = n * C - (e - s)
         fk = feats.keys(k, k0 + s, k0 + e)  # (B, Hkv, l, M)
-        vv = _with_ones(v[:, :, k0 + s:k0 + e], work)  # (B, Hkv, l, Dv+1)
-        fq = feats.queries(qg[:, :, :, lead + s:lead + e])  # (B, Hkv, G, l, M)
+        vv = _with_ones(v[:, :, k0 + s : k0 + e], work)  # (B, Hkv, l, Dv+1)
+        fq = feats.queries(qg[:, :, :, lead + s : lead + e])  # (B, Hkv, G, l, M)
         if pad:
             # Zero features of the padding positions contribute nothing to any sum.
             fk = F.pad(fk, (0, 0, 0, pad))
@@ -216,9 +267,9 @@ def linear_chunked(
 
 def _chunk_major(x: torch.Tensor, n: int, C: int) -> torch.Tensor:
     """``(BH, [G,] l, d)`` -> contiguous ``(n, BH, [G,] C, d)``, zero-padding ``l`` up to ``n·C``."""
-    l = x.shape[-2]
-    if l < n * C:
-        x = F.pad(x, (0, 0, 0, n * C - l))
+    length = x.shape[-2]
+    if length < n * C:
+        x = F.pad(x, (0, 0, 0, n * C - length))
     x = x.reshape(*x.shape[:-2], n, C, x.shape[-1])
     return x.movedim(-3, 0).contiguous()
 
@@ -263,9 +314,9 @@ def _causal_inference(feats: _Features, qg, k, v, state, out, C: int, k0: int) -
     tiny = torch.finfo(work).tiny
     for s in range(0, N, L):
         e = min(N, s + L)
-        l = e - s
-        n = -(-l // C)
-        full = l == n * C
+        size = e - s
+        n = -(-size // C)
+        full = size == n * C
         xk, xq, vv = xk_buf[:n], xq_buf[:n], vv_buf[:n]
         if full:  # one strided copy each into the chunk-major scratch buffers
             xk.copy_(kf[:, s:e].reshape(BH, n, C, D).transpose(0, 1))
@@ -277,10 +328,10 @@ def _causal_inference(feats: _Features, qg, k, v, state, out, C: int, k0: int) -
             vv[..., :Dv] = _chunk_major(vf[:, s:e], n, C)
         fk = fmap.apply_(xk, ctx, is_query=False)  # (n, BH, C, M)
         if keep is not None:
-            kp = _chunk_major(keep[:, 0, k0 + s:k0 + e].to(work), n, C)  # (n, B, C, 1)
+            kp = _chunk_major(keep[:, 0, k0 + s : k0 + e].to(work), n, C)  # (n, B, C, 1)
             fk.view(n, B, Hkv, C, M).mul_(kp[:, :, None])
         if not full:
-            fk[-1, :, l - (n - 1) * C:] = 0  # padding positions must add nothing
+            fk[-1, :, size - (n - 1) * C :] = 0  # padding positions must add nothing
         fq = fmap.apply_(xq, ctx, is_query=True).view(n, BH, G * C, M)
         states = states_buf[: n + 1]
         states[0] = state
@@ -299,7 +350,7 @@ def _causal_inference(feats: _Features, qg, k, v, state, out, C: int, k0: int) -
             torch.div(*quotient, out=target.view(B, Hkv, G, n, C, Dv).permute(3, 0, 1, 2, 4, 5))
         else:
             o = torch.div(*quotient).permute(1, 2, 3, 0, 4, 5).reshape(B, Hkv, G, n * C, Dv)
-            target.copy_(o[:, :, :, :l])
+            target.copy_(o[:, :, :, :size])
     # `state` is a view into states_buf; nothing reads it after the loop.
 
 
@@ -311,15 +362,19 @@ def _params(feature_map: bool) -> dict[str, Param]:
     out = {}
     if feature_map:
         out["feature_map"] = Param(
-            "feature_map", "elu", "φ: elu (elu+1), relu, favor (Performer), taylor, or a name added with "
-            "sla.register_feature_map", check_feature_map,
+            "feature_map",
+            "elu",
+            "φ: elu (elu+1), relu, favor (Performer), taylor, or a name added with sla.register_feature_map",
+            check_feature_map,
         )
     out.update(
         num_features=Param("num_features", 256, "M, random features of favor (ignored by the others)", int_at_least(1)),
         seed=Param("seed", 0, "seed of favor's random projection (same seed, same features)", int_at_least(0)),
         chunk_size=Param("chunk_size", 64, "C, positions per chunk of the causal chunkwise form", int_at_least(1)),
         redraw=Param(
-            "redraw", False, "favor: draw a fresh projection on every call that builds a graph (training)",
+            "redraw",
+            False,
+            "favor: draw a fresh projection on every call that builds a graph (training)",
             lambda x: None if isinstance(x, bool) else f"expected True or False, got {type(x).__name__}",
         ),
     )

@@ -65,7 +65,10 @@ def sliding_window_reference(q, k, v, *, causal, key_padding_mask, scale, return
     """Dense masked softmax: the ``math`` backend (O(Nq·Nk)), the one that returns weights."""
     nq, nk = q.shape[2], k.shape[2]
     mask = full_visibility(
-        nq, nk, causal=causal, key_padding_mask=key_padding_mask,
+        nq,
+        nk,
+        causal=causal,
+        key_padding_mask=key_padding_mask,
         pattern=sliding_window_mask(nq, nk, causal=causal, window=window).to(q.device),
     )
     return dense_attention(q, k, v, scale=scale, mask=mask, return_weights=return_weights)
@@ -141,12 +144,18 @@ def _interior_group_into(out, q, k, v, band, t0, g, *, T, wl, offset, scale, bia
         for b in range(B):
             for h in range(H):
                 kh, vh = k[b, h // (H // Hkv)], v[b, h // (H // Hkv)]
-                ks = kh.as_strided((g, L, D), (T * kh.stride(0), kh.stride(0), kh.stride(1)),
-                                   kh.storage_offset() + start * kh.stride(0))
-                vs = vh.as_strided((g, L, Dv), (T * vh.stride(0), vh.stride(0), vh.stride(1)),
-                                   vh.storage_offset() + start * vh.stride(0))
-                qs = q[b, h, t0 * T:(t0 + g) * T].unflatten(0, (g, T))
-                outs = out[b, h, t0 * T:(t0 + g) * T].view(g, T, Dv)
+                ks = kh.as_strided(
+                    (g, L, D),
+                    (T * kh.stride(0), kh.stride(0), kh.stride(1)),
+                    kh.storage_offset() + start * kh.stride(0),
+                )
+                vs = vh.as_strided(
+                    (g, L, Dv),
+                    (T * vh.stride(0), vh.stride(0), vh.stride(1)),
+                    vh.storage_offset() + start * vh.stride(0),
+                )
+                qs = q[b, h, t0 * T : (t0 + g) * T].unflatten(0, (g, T))
+                outs = out[b, h, t0 * T : (t0 + g) * T].view(g, T, Dv)
                 step = max(1, scores.numel() // (T * L))
                 for i in range(0, g, step):
                     j = min(g, i + step)
@@ -154,20 +163,27 @@ def _interior_group_into(out, q, k, v, band, t0, g, *, T, wl, offset, scale, bia
         return
     for b in range(B):
         kb, vb = k[b], v[b]
-        ks = kb.as_strided((g, Hkv, L, D), (T * kb.stride(1), kb.stride(0), kb.stride(1), kb.stride(2)),
-                           kb.storage_offset() + start * kb.stride(1))
-        vs = vb.as_strided((g, Hkv, L, Dv), (T * vb.stride(1), vb.stride(0), vb.stride(1), vb.stride(2)),
-                           vb.storage_offset() + start * vb.stride(1))
-        qs = q[b, :, t0 * T:(t0 + g) * T].unflatten(1, (g, T)).transpose(0, 1)  # (g, H, T, D) view
+        ks = kb.as_strided(
+            (g, Hkv, L, D),
+            (T * kb.stride(1), kb.stride(0), kb.stride(1), kb.stride(2)),
+            kb.storage_offset() + start * kb.stride(1),
+        )
+        vs = vb.as_strided(
+            (g, Hkv, L, Dv),
+            (T * vb.stride(1), vb.stride(0), vb.stride(1), vb.stride(2)),
+            vb.storage_offset() + start * vb.stride(1),
+        )
+        qs = q[b, :, t0 * T : (t0 + g) * T].unflatten(1, (g, T)).transpose(0, 1)  # (g, H, T, D) view
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=band, scale=scale, enable_gqa=H != Hkv)
-        out[b, :, t0 * T:(t0 + g) * T].unflatten(1, (g, T)).copy_(o.transpose(0, 1))
+        out[b, :, t0 * T : (t0 + g) * T].unflatten(1, (g, T)).copy_(o.transpose(0, 1))
 
 
 def sliding_window_torch(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window, tile=None):
     """Tiled exact sliding-window attention (see the module docstring for cost and memory)."""
     if return_weights:
-        return sliding_window_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
-                                        scale=scale, return_weights=True, window=window)
+        return sliding_window_reference(
+            q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, return_weights=True, window=window
+        )
     B, H, nq, _ = q.shape
     Hkv, nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
@@ -206,8 +222,9 @@ def sliding_window_torch(q, k, v, *, causal, key_padding_mask, scale, return_wei
         # sized steps): grouping across heads would multiply the calls by B·H.
         bias = torch.zeros(band.shape, dtype=q.dtype, device=q.device).masked_fill_(~band, float("-inf"))
         scores = q.new_empty(max(1, min(last - first, SCORE_ELEMENTS // (T * L))) * T * L)
-        _interior_group_into(out, q, k, v, band, first, last - first, T=T, wl=wl, offset=offset, scale=scale,
-                             bias=bias, scores=scores)
+        _interior_group_into(
+            out, q, k, v, band, first, last - first, T=T, wl=wl, offset=offset, scale=scale, bias=bias, scores=scores
+        )
         groups = [(t0, g) for t0, g in groups if not first <= t0 < last]
     for t0, g in groups:
         if key_padding_mask is None and first <= t0 and t0 + g <= last:
@@ -215,7 +232,7 @@ def sliding_window_torch(q, k, v, *, causal, key_padding_mask, scale, return_wei
             continue
         piece = _tile_group(q, k, v, key_padding_mask, band, t0, g, **kw)
         stop = min(nq, (t0 + g) * T)
-        out[:, :, t0 * T:stop] = piece[:, :, : stop - t0 * T]
+        out[:, :, t0 * T : stop] = piece[:, :, : stop - t0 * T]
     return out, None
 
 
@@ -269,7 +286,8 @@ add(
         cost="O(N·window·D)",
         params={
             "window": Param(
-                "window", 256,
+                "window",
+                256,
                 "keys seen on each side: i−window ≤ j ≤ i+window (causal: i−window ≤ j ≤ i); "
                 "FlashAttention window_size=(window, window) / (window, 0)",
                 int_at_least(0),
