@@ -1,120 +1,53 @@
-"""The public calls: ``attention``, ``build`` and ``dense_mask``."""
+"""The public calls: ``attention``, ``build`` and ``dense_mask``.
+
+Both ``attention`` and :class:`AttentionModule` hand a call to
+:mod:`sparse_linear_attn.backends.dispatch` (``prepare`` checks it once, ``run`` picks the backend
+and runs the variant); nothing here knows about any one backend or variant.
+"""
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, overload
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import registry
-from .backends.dispatch import select_backend
-from .backends.flex import FlexCacheFull
+from .backends import dispatch
 from .config import AttentionConfig, to_config
-from .errors import ParameterError
-from .inputs import check_inputs, full_visibility, make_call, repeat_kv
+from .inputs import full_visibility
 
 
-def _resolve_scale(spec: registry.VariantSpec, scale: float | None, head_dim: int) -> float:
-    if scale is None:
-        return spec.default_scale if spec.default_scale is not None else 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ParameterError(f"scale must be a finite number or None, got {scale!r}")
-    return float(scale)
-
-
-def _check_supports(spec: registry.VariantSpec, call) -> None:
-    s = spec.supports
-    problems = []
-    if call.causal and not s.causal:
-        problems.append("causal=True")
-    if call.cross and not s.cross_attention:
-        problems.append(f"cross-attention (Nq={call.nq} != Nk={call.nk})")
-    if call.key_padding and not s.key_padding:
-        problems.append("key_padding_mask")
-    if call.return_weights and not s.weights:
-        problems.append("return_weights=True")
-    if call.heads != call.kv_heads and not s.grouped_query:
-        problems.append(f"grouped-query heads (H={call.heads}, Hkv={call.kv_heads})")
-    if problems:
-        raise ValueError(f"variant {spec.name!r} does not support {', '.join(problems)}")
-
-
-def _check_causal(causal: Any) -> bool:
-    # numpy.bool_ is not a bool subclass but is what values read through numpy often are.
-    if isinstance(causal, (bool, np.bool_)):
-        return bool(causal)
-    raise ParameterError(f"causal must be True or False, got {causal!r} ({type(causal).__name__})")
-
-
-def _empty_result(q, k, v, return_weights):
-    """Nothing to attend with or to: zeros of the right shapes (a query seeing no key gives zeros)."""
-    B, H, Nq, _ = q.shape
-    # Empty sums keep the graph to q, k, v (zero gradients) without 0·inf = NaN from their values.
-    link = q.narrow(-1, 0, 0).sum(-1, keepdim=True) + k.narrow(2, 0, 0).sum() + v.narrow(2, 0, 0).sum()
-    out = q.new_zeros(B, H, Nq, v.shape[-1]) + link
-    return (out, q.new_zeros(B, H, Nq, k.shape[2])) if return_weights else out
-
-
-def _run(
-    spec: registry.VariantSpec,
-    q,
-    k,
-    v,
+@overload
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    variant: str = ...,
     *,
-    causal,
-    key_padding_mask,
-    scale,
-    return_weights,
-    backend,
-    params,
-    module=None,
-):
-    causal = _check_causal(causal)
-    check_inputs(q, k, v, key_padding_mask)
-    call = make_call(q, k, v, causal=causal, key_padding_mask=key_padding_mask, return_weights=return_weights)
-    _check_supports(spec, call)
-    scale = _resolve_scale(spec, scale, q.shape[-1])
-    if q.numel() == 0 or k.shape[2] == 0:
-        return _empty_result(q, k, v, return_weights)
-    if module is not None:
-        if backend not in ("auto", "module"):
-            raise ParameterError(
-                f"variant {spec.name!r} is an nn.Module with learned parameters; its only backend is "
-                f"'module' (or 'auto'), got backend={backend!r}"
-            )
-        if spec.user_defined:
-            k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-            kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale)
-            if return_weights:
-                return module(q, k, v, return_weights=True, **kwargs)
-            return module(q, k, v, **kwargs)
-        return module(
-            q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, return_weights=return_weights
-        )
-    name = select_backend(spec, call, params, backend)
-    kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale, return_weights=return_weights)
-    try:
-        out, weights = _call_impl(spec.impls[name], q, k, v, kwargs, params)
-    except FlexCacheFull:
-        if backend != "auto":
-            raise
-        # auto chose Flex, whose compiled graphs are now at their limit: from here on
-        # select_backend rules it out, so the next backend in the table runs this call.
-        out, weights = _call_impl(spec.impls[select_backend(spec, call, params, backend)], q, k, v, kwargs, params)
-    return (out, weights) if return_weights else out
-
-
-def _call_impl(impl: registry.Impl, q, k, v, kwargs, params):
-    if not impl.grouped_query:
-        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-    return impl.fn(q, k, v, **kwargs, **params)
-
-
+    causal: bool = ...,
+    key_padding_mask: torch.Tensor | None = ...,
+    scale: float | None = ...,
+    return_weights: Literal[False] = ...,
+    backend: str = ...,
+    **params: Any,
+) -> torch.Tensor: ...
+@overload
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    variant: str = ...,
+    *,
+    causal: bool = ...,
+    key_padding_mask: torch.Tensor | None = ...,
+    scale: float | None = ...,
+    return_weights: Literal[True],
+    backend: str = ...,
+    **params: Any,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -149,38 +82,29 @@ def attention(
         ``out`` of shape ``(B, H, Nq, Dv)`` in the input dtype, or ``(out, weights)``.
     """
     spec = registry.get(variant)
+    resolved = spec.resolve_params(params)
+    module = None
     if spec.module is not None:
-        module = spec.module(**spec.resolve_params(params))
+        module = spec.module(**resolved)
         if any(True for _ in module.parameters()):
             raise ValueError(
                 f"variant {variant!r} has learned parameters; sla.attention cannot own them. Use "
                 f"sla.build({{'variant': {variant!r}, ...}}) to get an nn.Module and call that."
             )
         module = module.to(q.device)
-    else:
-        module = None
-    resolved = spec.resolve_params(params)
-    return _run(
-        spec,
-        q,
-        k,
-        v,
-        causal=causal,
-        key_padding_mask=key_padding_mask,
-        scale=scale,
-        return_weights=return_weights,
-        backend=backend,
-        params=resolved,
-        module=module,
-    )
+    prepared = dispatch.prepare(
+        spec, q, k, v, params=resolved, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+        return_weights=return_weights, backend=backend,
+    )  # fmt: skip
+    return dispatch.run(prepared, q, k, v, module=module)
 
 
 class AttentionModule(nn.Module):
     """An attention variant as an ``nn.Module`` (what ``sla.build`` returns).
 
-    ``forward(q, k, v, *, key_padding_mask=None, return_weights=False)`` behaves as
-    ``sla.attention(q, k, v, **config)``. Variants with learned parameters hold them in
-    ``self.impl``.
+    ``forward(q, k, v, *, key_padding_mask=None, return_weights=False, causal=None)`` behaves as
+    ``sla.attention(q, k, v, **config)``; ``causal=None`` uses the config's. Variants with
+    learned parameters hold them in ``self.impl``.
     """
 
     def __init__(self, config: AttentionConfig):
@@ -188,39 +112,29 @@ class AttentionModule(nn.Module):
         self.config = config
         self.spec = registry.get(config.variant)
         self.params = self.spec.resolve_params(config.params)
+        dispatch.check_backend(self.spec, config.backend)
         self.impl = self.spec.module(**self.params) if self.spec.module is not None else None
-        if self.impl is not None and config.backend not in ("auto", "module"):
-            raise ParameterError(
-                f"variant {self.spec.name!r} is an nn.Module with learned parameters; its only backend "
-                f"is 'module' (or 'auto'), got backend={config.backend!r}"
-            )
-        if self.spec.module is None and config.backend != "auto":
-            from .backends.dispatch import BACKENDS
-            from .errors import BackendUnavailableError, unknown_name_message
 
-            if config.backend not in BACKENDS:
-                raise BackendUnavailableError(unknown_name_message("backend", config.backend, ["auto", *BACKENDS]))
-            if config.backend not in self.spec.impls:
-                raise BackendUnavailableError(
-                    f"variant {self.spec.name!r} has no {config.backend!r} backend; it has: "
-                    f"{', '.join(self.spec.impls)} (or 'auto')."
-                )
+    def scale_for(self, head_dim: int) -> float:
+        """The scale a call with this head dimension runs with."""
+        return self.spec.resolve_scale(self.config.scale, head_dim)
 
-    def forward(self, q, k, v, *, key_padding_mask=None, return_weights=False):
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        key_padding_mask: torch.Tensor | None = None,
+        return_weights: bool = False,
+        causal: bool | None = None,
+    ):
         c = self.config
-        return _run(
-            self.spec,
-            q,
-            k,
-            v,
-            causal=c.causal,
-            key_padding_mask=key_padding_mask,
-            scale=c.scale,
-            return_weights=return_weights,
-            backend=c.backend,
-            params=self.params,
-            module=self.impl,
-        )
+        prepared = dispatch.prepare(
+            self.spec, q, k, v, params=self.params, causal=c.causal if causal is None else causal,
+            key_padding_mask=key_padding_mask, scale=c.scale, return_weights=return_weights, backend=c.backend,
+        )  # fmt: skip
+        return dispatch.run(prepared, q, k, v, module=self.impl)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())

@@ -11,7 +11,6 @@ other key is a parameter of the variant and is checked against its spec.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ParameterError
+from .inputs import check_flag, check_scale
 
 COMMON_KEYS = ("variant", "causal", "scale", "backend")
 
@@ -36,12 +36,8 @@ class AttentionConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.variant, str):
             raise ParameterError(f"config 'variant' must be a string, got {self.variant!r}")
-        if not isinstance(self.causal, bool):
-            raise ParameterError(f"config 'causal' must be true or false, got {self.causal!r}")
-        if self.scale is not None and (
-            isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale)
-        ):
-            raise ParameterError(f"config 'scale' must be a finite number or null, got {self.scale!r}")
+        self.causal = check_flag("config 'causal'", self.causal)
+        self.scale = check_scale(self.scale, "config 'scale'")
         if not isinstance(self.backend, str):
             raise ParameterError(f"config 'backend' must be a string, got {self.backend!r}")
         clash = [k for k in self.params if k in COMMON_KEYS]

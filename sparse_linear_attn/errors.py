@@ -26,6 +26,15 @@ class BackendUnavailableError(ValueError):
     """No backend (or not the requested one) can run this call; the message says why."""
 
 
+class CannotRun(BackendUnavailableError):
+    """Raised by a backend, while running, for a call it turns out it cannot run; ``reason``
+    says why. Under ``backend="auto"`` dispatch then runs the next candidate backend."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
 def closest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
     choices = list(choices)
     found = difflib.get_close_matches(name, choices, n=n, cutoff=0.5)

@@ -8,11 +8,33 @@ weights ``(B, H, Nq, Nk)``; ``H`` is a multiple of ``Hkv`` (grouped-query attent
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
-from .errors import ShapeError
+from .errors import ParameterError, ShapeError
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` as a bool if it is one (``numpy.bool_`` included), else a clear error."""
+    # numpy.bool_ is not a bool subclass but is what values read through numpy often are.
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ParameterError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
+def check_scale(value: Any, name: str = "scale") -> float | None:
+    """``value`` as a float if it is a finite number, ``None`` if None, else a clear error."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ParameterError(f"{name} must be a finite number or None, got {value!r}")
+    if not math.isfinite(value):
+        raise ParameterError(f"{name} must be a finite number or None, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)

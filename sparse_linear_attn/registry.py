@@ -10,6 +10,7 @@ either a set of backend implementations (``impls``: backend name -> function) or
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import ParameterError, UnknownNameError, unknown_name_message
+from .inputs import check_scale
 
 _MISSING = object()
 
@@ -78,14 +80,16 @@ class Impl:
     ``fn(q, k, v, *, causal, key_padding_mask, scale, return_weights, **params)`` returns
     ``(out, weights_or_None)``. ``k``/``v`` arrive with ``Hkv`` heads; an implementation that
     cannot group query heads itself sets ``grouped_query=False`` and receives them expanded.
-    ``check(call, params) -> reason | None`` rules the backend out for a call it cannot run;
-    ``prefer(call, params) -> reason | None`` rules it out for ``backend="auto"`` only (e.g. a
-    compile that is not worth it at this size).
+    ``rules_out(call, params) -> reason | None`` says why this backend cannot run a call;
+    ``skip_in_auto(call, params) -> reason | None`` why ``backend="auto"`` should leave a call
+    to the next backend (e.g. a compile that does not pay off at this size). ``call`` is an
+    :class:`~sparse_linear_attn.inputs.Call`. While running, ``fn`` may raise
+    :class:`~sparse_linear_attn.errors.CannotRun` to decline a call it turns out it cannot run.
     """
 
     fn: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
-    check: Callable[[Any, Mapping[str, Any]], str | None] | None = None
-    prefer: Callable[[Any, Mapping[str, Any]], str | None] | None = None
+    rules_out: Callable[[Any, Mapping[str, Any]], str | None] | None = None
+    skip_in_auto: Callable[[Any, Mapping[str, Any]], str | None] | None = None
     grouped_query: bool = True
 
 
@@ -109,6 +113,9 @@ class VariantSpec:
     visible_keys: Callable[..., float] | None = None
     # Cross-parameter checks that need more than one value: (params) -> reason | None.
     check_params: Callable[[Mapping[str, Any]], str | None] | None = None
+    # Parameter sets, sized for short test sequences (N ≈ 16–40), that the conformance suite
+    # (sla.testing) runs besides the defaults: the settings that exercise the variant's pattern.
+    examples: tuple[Mapping[str, Any], ...] = ()
     user_defined: bool = False
 
     @property
@@ -118,6 +125,14 @@ class VariantSpec:
     @property
     def build_only(self) -> bool:
         return self.module is not None
+
+    def resolve_scale(self, scale: Any, head_dim: int) -> float:
+        """The ``scale`` a call runs with: the given finite number, else the variant's default
+        (``default_scale``, or ``1/√head_dim``)."""
+        checked = check_scale(scale)
+        if checked is not None:
+            return checked
+        return self.default_scale if self.default_scale is not None else 1.0 / math.sqrt(head_dim)
 
     def resolve_params(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Fill defaults, reject unknown names (listing the accepted ones), validate values."""

@@ -93,7 +93,7 @@ def test_other_file_errors(tmp_path):
 @pytest.mark.parametrize(
     "cfg,match",
     [
-        ({"variant": "full", "causal": "yes"}, "'causal' must be true or false"),
+        ({"variant": "full", "causal": "yes"}, "'causal' must be True or False"),
         ({"variant": "full", "scale": "big"}, "'scale' must be a finite number"),
         ({"variant": "full", "scale": float("nan")}, "'scale' must be a finite number"),
         ({"variant": "full", "scale": float("inf")}, "'scale' must be a finite number"),

@@ -108,7 +108,7 @@ def test_full_graph_cache_is_an_error_for_flex_and_a_fallback_for_auto(monkeypat
 
     spec = registry.get("sliding_window")
     monkeypatch.setitem(
-        spec.impls, "flex", Impl(spec.impls["flex"].fn, prefer=lambda call, params: flex_backend.cache_full_reason())
+        spec.impls, "flex", Impl(spec.impls["flex"].fn, skip_in_auto=lambda call, params: flex_backend.cache_full_reason())
     )
     monkeypatch.setattr(flex_backend, "MAX_COMPILED_GRAPHS", 1)
     monkeypatch.setattr(flex_backend, "_FULL_AT", None)
@@ -138,7 +138,7 @@ def test_auto_retries_without_flex_when_the_cache_fills_during_the_call(monkeypa
 
     spec = registry.get("sliding_window")
     monkeypatch.setitem(
-        spec.impls, "flex", Impl(full_now, prefer=lambda call, params: flex_backend.cache_full_reason())
+        spec.impls, "flex", Impl(full_now, skip_in_auto=lambda call, params: flex_backend.cache_full_reason())
     )
     monkeypatch.setattr(flex_backend, "_FULL_AT", None)
     q, k, v = (torch.randn(1, 2, 50, 8, generator=torch.Generator().manual_seed(3)) for _ in range(3))

@@ -28,7 +28,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-from ..errors import BackendUnavailableError
+from ..errors import CannotRun
 
 #: BlockMasks kept (least recently used dropped first).
 MAX_CACHED_MASKS = 32
@@ -41,7 +41,7 @@ _MASKS: OrderedDict[Hashable, object] = OrderedDict()
 _FULL_AT: int | None = None  # the MAX_COMPILED_GRAPHS in force when a call found the cache full
 
 
-class FlexCacheFull(BackendUnavailableError):
+class FlexCacheFull(CannotRun):
     """The compiled FlexAttention holds :data:`MAX_COMPILED_GRAPHS` graphs and this call needs
     another one; running it anyway would be unfused (O(Nq·Nk) memory)."""
 
@@ -139,7 +139,7 @@ def cache_full_reason() -> str | None:
     return None
 
 
-def flex_prefer_cuda(call, params) -> str | None:
+def flex_skip_in_auto(call, params) -> str | None:
     """``auto`` uses Flex on CUDA only: on CPU the tiled PyTorch path was measured faster."""
     full = cache_full_reason()
     if full:

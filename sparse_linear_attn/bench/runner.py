@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import statistics
@@ -26,10 +25,8 @@ import torch
 import sparse_linear_attn as sla
 
 from .. import registry
-from ..api import _check_supports
-from ..backends.dispatch import select_backend
+from ..backends.dispatch import prepare, select_backend
 from ..errors import BackendUnavailableError
-from ..inputs import make_call
 from .flops import count_flops
 from .inputs import INPUT_KINDS, make_inputs
 from .memory import measure_peak, timing_malloc_thresholds
@@ -379,9 +376,8 @@ def measure(bv: BenchVariant, pt: _Point, s: SweepSettings) -> dict[str, Any]:
             rec["backend"] = "module"
         else:
             with torch.set_grad_enabled(s.backward):
-                call = make_call(q, k, v, causal=s.causal, key_padding_mask=None, return_weights=False)
-            _check_supports(spec, call)
-            rec["backend"] = select_backend(spec, call, spec.resolve_params(bv.params), bv.backend)
+                p = prepare(spec, q, k, v, params=spec.resolve_params(bv.params), causal=s.causal, backend=bv.backend)
+            rec["backend"] = select_backend(p.spec, p.call, p.params, p.backend)
     except (BackendUnavailableError, ValueError) as e:
         rec.update(status="unsupported", reason=str(e))
         return rec
@@ -453,7 +449,7 @@ def measure(bv: BenchVariant, pt: _Point, s: SweepSettings) -> dict[str, Any]:
     if module is not None:
         notes.append("learned score function (random init): no exact reference")
     else:
-        scale = spec.default_scale if spec.default_scale is not None else 1.0 / math.sqrt(D)
+        scale = spec.resolve_scale(None, D)
         ref, how = _full_reference(pt, s.causal, scale, s)
         rec["error_reference"] = how
         if ref is not None:

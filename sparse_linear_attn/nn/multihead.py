@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .. import registry
-from ..api import AttentionModule, _resolve_scale, _run
+from ..api import AttentionModule
 from ..config import AttentionConfig, to_config
 from ..errors import ShapeError, unknown_name_message
 from ..inputs import causal_mask, causal_offset, full_visibility
@@ -458,7 +458,7 @@ class MultiheadAttention(nn.Module):
                     f"It takes is_causal=True (or the causal mask) and key_padding_mask. Variants that "
                     f"take any mask: {', '.join(_dense_variants())}."
                 )
-            scale = _resolve_scale(spec, self.attn.config.scale, D)
+            scale = self.attn.scale_for(D)
             only_dropout = am_visible is None and kp_visible is None and bias is None and spec.mask_fn is None
             if only_dropout and not need_weights and (not causal or Nq == Nk_all):
                 # Dropout alone keeps SDPA's fused kernels (top-left causal = ours when square).
@@ -494,20 +494,7 @@ class MultiheadAttention(nn.Module):
                     f"nn.TransformerEncoderLayer already passes False)"
                 )
             kpm_bool = None if kp_visible is None else ~kp_visible[:, 0, 0, :]
-            c = self.attn.config
-            res = _run(
-                spec,
-                q,
-                k,
-                v,
-                causal=causal,
-                key_padding_mask=kpm_bool,
-                scale=c.scale,
-                return_weights=need_weights,
-                backend=c.backend,
-                params=self.attn.params,
-                module=self.attn.impl,
-            )
+            res = self.attn(q, k, v, key_padding_mask=kpm_bool, return_weights=need_weights, causal=causal)
             out, weights = res if need_weights else (res, None)
         return self._finish(out, weights, B, Nq, E, average)
 

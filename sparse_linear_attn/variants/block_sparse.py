@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..backends.flex import block_mask_from_layout, cached_block_mask, flex_prefer_cuda, flex_run
+from ..backends.flex import block_mask_from_layout, cached_block_mask, flex_run, flex_skip_in_auto
 from ..backends.math import dense_attention
 from ..backends.tiles import tile_attention, use_bmm_tiles
 from ..errors import ParameterError, UnknownNameError, unknown_name_message
@@ -594,7 +594,7 @@ add(
         supports=Supports(),
         impls={
             "torch": Impl(block_sparse_torch),
-            "flex": Impl(block_sparse_flex, prefer=flex_prefer_cuda),
+            "flex": Impl(block_sparse_flex, skip_in_auto=flex_skip_in_auto),
             "math": Impl(block_sparse_reference),
         },
         mask_fn=block_sparse_mask,

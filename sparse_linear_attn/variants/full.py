@@ -35,7 +35,7 @@ def full_visible_keys(nq: int, nk: int, *, causal: bool) -> float:
 
 IMPLS = {
     "torch": Impl(full_sdpa),
-    "xformers": Impl(full_xformers, check=no_key_padding),
+    "xformers": Impl(full_xformers, rules_out=no_key_padding),
     "math": Impl(full_reference),
 }
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..backends.flex import block_mask_from_layout, cached_block_mask, flex_prefer_cuda, flex_run
+from ..backends.flex import block_mask_from_layout, cached_block_mask, flex_run, flex_skip_in_auto
 from ..backends.math import dense_attention
 from ..backends.tiles import tile_attention, use_bmm_tiles
 from ..backends.xformers_backend import no_key_padding, sliding_window_xformers
@@ -296,8 +296,8 @@ add(
         supports=Supports(),
         impls={
             "torch": Impl(sliding_window_torch),
-            "flex": Impl(sliding_window_flex, prefer=flex_prefer_cuda),
-            "xformers": Impl(sliding_window_xformers, check=no_key_padding),
+            "flex": Impl(sliding_window_flex, skip_in_auto=flex_skip_in_auto),
+            "xformers": Impl(sliding_window_xformers, rules_out=no_key_padding),
             "math": Impl(sliding_window_reference),
         },
         mask_fn=sliding_window_mask,
