@@ -1,0 +1,51 @@
+"""Attention over parts of the keys, merged by log-sum-exp, equals attention over all of them."""
+
+import math
+
+import pytest
+import torch
+from _reference import softmax_attention
+
+from sparse_linear_attn.backends.partial import merge_partials, partial_attention
+
+F64 = torch.float64
+
+
+def _lse_reference(q, k, mask, scale):
+    H = q.shape[1]
+    s = q.double() @ k.double().repeat_interleave(H // k.shape[1], 1).transpose(-1, -2) * scale
+    return torch.logsumexp(s.masked_fill(~mask, -math.inf), -1)
+
+
+@pytest.mark.parametrize("cut", [1, 7, 12])
+def test_parts_merge_to_the_whole(cut):
+    g = torch.Generator().manual_seed(cut)
+    q = torch.randn(2, 4, 9, 8, dtype=F64, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 13, 8, dtype=F64, generator=g, requires_grad=True)
+    v = torch.randn(2, 2, 13, 5, dtype=F64, generator=g, requires_grad=True)
+    mask = torch.rand(2, 1, 9, 13, generator=g) > 0.3
+    mask[:, :, 0] = False  # a row that sees nothing anywhere
+    mask[:, :, 1, :cut] = False  # a row that sees nothing in the first part
+    scale = 0.4
+    ref, _ = softmax_attention(q, k, v, mask, scale=scale)
+    oa, la = partial_attention(q, k[:, :, :cut], v[:, :, :cut], scale=scale, mask=mask[..., :cut])
+    ob, lb = partial_attention(q, k[:, :, cut:], v[:, :, cut:], scale=scale, mask=mask[..., cut:])
+    out, lse = merge_partials(oa, la, ob, lb)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(lse, _lse_reference(q, k, mask.expand(2, 4, 9, 13), scale), atol=1e-12, rtol=0)
+    assert torch.equal(out[:, :, 0], torch.zeros_like(out[:, :, 0])) and torch.isneginf(lse[:, :, 0]).all()
+    # Gradients flow through the merge as through the whole softmax, and stay finite.
+    w = torch.randn(out.shape, dtype=F64, generator=g)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_half_inputs_accumulate_in_float32():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 16, generator=g).to(torch.bfloat16) for _ in range(3))
+    out, lse = partial_attention(q, k, v, scale=0.25)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    ref, _ = softmax_attention(q, k, v, scale=0.25)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
