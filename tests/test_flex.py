@@ -108,7 +108,9 @@ def test_full_graph_cache_is_an_error_for_flex_and_a_fallback_for_auto(monkeypat
 
     spec = registry.get("sliding_window")
     monkeypatch.setitem(
-        spec.impls, "flex", Impl(spec.impls["flex"].fn, skip_in_auto=lambda call, params: flex_backend.cache_full_reason())
+        spec.impls,
+        "flex",
+        Impl(spec.impls["flex"].fn, skip_in_auto=lambda call, params: flex_backend.cache_full_reason()),
     )
     monkeypatch.setattr(flex_backend, "MAX_COMPILED_GRAPHS", 1)
     monkeypatch.setattr(flex_backend, "_FULL_AT", None)
