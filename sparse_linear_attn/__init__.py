@@ -18,6 +18,16 @@ from .registry import available_variants, describe, register_variant, unregister
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # sla.distributed loads on first use, so that the single-process path never imports it.
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.distributed")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ALiBi",
     "MultiheadAttention",

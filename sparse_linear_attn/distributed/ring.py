@@ -1,0 +1,221 @@
+"""``ring`` — exact softmax attention (``full``, ``dot_product``) with K/V travelling round the ring.
+
+Rank ``r`` keeps its queries; at step ``t = 0 … W−1`` it holds the keys/values of rank
+``s = r − t (mod W)`` and computes the attention of its queries over them alone, with each
+row's log-sum-exp (:func:`~sparse_linear_attn.backends.partial.partial_attention`), while the
+K/V block moves on to rank ``r + 1``. The parts merge exactly (in float32 at least):
+
+    o = Σₛ e^{ℓₛ − ℓ} oₛ,    ℓ = log Σₛ e^{ℓₛ}              (merge_partials, one step at a time)
+
+Masks come from global positions (causal ``j ≤ i``, key padding), so any layout works. A query
+chunk and a key chunk that see nothing of each other under ``causal`` are skipped; a chunk pair
+wholly in the past needs no mask. With ``layout="zigzag"`` every rank computes about the same
+number of visible pairs at each step.
+
+Backward recomputes each step from the saved ``q``, ``out`` and ``ℓ`` (FlashAttention's
+rule ``P = e^{S − ℓ}``, ``dS = P ⊙ (dP − rowsum(dO ⊙ O))``): the K/V blocks travel round the
+ring again, and with each goes the running sum of its ``dK``/``dV`` (in the work dtype), which
+arrives back at its owner after the last step.
+
+Cost per rank: O(N²·D/W) time (about half under causal with zigzag); memory O(N/W·(D + Dv))
+plus one score tile of ``TILE_ELEMENTS``. Communication per rank: forward ``(W−1)·|K+V|/W``
+bytes sent, backward ``(W−1)·|K+V|/W`` plus ``W·|dK+dV|/W`` (work dtype), where ``|K+V|`` is
+the whole sequence's keys and values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends.partial import merge_partials, partial_attention
+from . import comm
+from .layout import Chunk
+from .plan import Setup, shard_masks
+
+#: Score elements (batch · heads · rows · keys) of one tile; bounds the working memory.
+TILE_ELEMENTS = 1 << 22
+
+
+def _relation(qc: Chunk, kc: Chunk, causal: bool) -> str:
+    if not causal or kc.stop - 1 <= qc.start:
+        return "full"
+    if kc.start > qc.stop - 1:
+        return "none"
+    return "partial"
+
+
+def _step_plan(setup: Setup, src: int):
+    """For each of this rank's query chunks: the chunks of ``src``'s K/V it sees (skipping
+    chunks it sees nothing of), and whether a causal mask is needed."""
+    plan = []
+    for qc in setup.chunks:
+        seen = [(kc, _relation(qc, kc, setup.causal)) for kc in setup.layout.chunks(src)]
+        seen = [(kc, rel) for kc, rel in seen if rel != "none"]
+        if seen:
+            plan.append((qc, [kc for kc, _ in seen], any(rel == "partial" for _, rel in seen)))
+    return plan
+
+
+def _select(x: torch.Tensor, chunks: list[Chunk], dim: int) -> torch.Tensor:
+    parts = [x.narrow(dim, c.local, c.length) for c in chunks]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _tiles(setup: Setup, qc: Chunk, keys: int):
+    rows = max(1, TILE_ELEMENTS // max(1, setup.batch * setup.heads * keys))
+    for t0 in range(0, qc.length, rows):
+        yield t0, min(qc.length, t0 + rows)
+
+
+def _tile_mask(qc: Chunk, t0: int, t1: int, kpos, partial: bool, pad, groups: int):
+    """Bool ``(B|1, 1, G·T, m)`` (True = visible) for rows ``t0:t1`` of chunk ``qc``, or None."""
+    mask = None
+    if partial:
+        qpos = torch.arange(qc.start + t0, qc.start + t1, device=kpos.device)
+        mask = (kpos[None, :] <= qpos[:, None])[None]  # (1, T, m)
+    if pad is not None:
+        keep = ~pad[:, None, :]  # (B, 1, m)
+        mask = keep if mask is None else mask & keep
+    if mask is None:
+        return None
+    b, t, m = mask.shape[0], t1 - t0, mask.shape[-1]
+    return mask[:, None, None].expand(b, 1, groups, t, m).reshape(b, 1, groups * t, m)
+
+
+def _rows(x: torch.Tensor, qc: Chunk, t0: int, t1: int) -> torch.Tensor:
+    """Rows ``t0:t1`` of chunk ``qc`` of ``x`` ``(B, Hkv, G, n, ·)`` as ``(B, Hkv, G·T, ·)``."""
+    part = x[:, :, :, qc.local + t0 : qc.local + t1]
+    return part.reshape(*part.shape[:2], -1, part.shape[-1])
+
+
+def _forward(setup: Setup, q, k, v, masks):
+    g, lay = setup.g, setup.layout
+    B, H, n, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    G = H // Hkv
+    work = setup.work_dtype
+    qg = q.reshape(B, Hkv, G, n, D).to(work)
+    out = torch.zeros(B, Hkv, G, n, Dv, dtype=work, device=q.device)
+    lse = torch.full((B, Hkv, G, n), float("-inf"), dtype=work, device=q.device)
+    kv = torch.cat([k, v], dim=-1).contiguous()
+    nxt, prv = (g.rank + 1) % g.world, (g.rank - 1) % g.world
+    for t in range(g.world):
+        src = (g.rank - t) % g.world
+        pending = None
+        if t < g.world - 1:
+            buf = kv.new_empty(B, Hkv, lay.lengths[(src - 1) % g.world], D + Dv)
+            pending = comm.post(g, [(nxt, kv)], [(prv, buf)], tag=3)
+        for qc, kcs, partial in _step_plan(setup, src):
+            sel = _select(kv, kcs, 2).to(work)
+            ks, vs = sel[..., :D], sel[..., D:]
+            kpos = torch.cat([torch.arange(c.start, c.stop, device=q.device) for c in kcs])
+            pad = None if masks is None else _select(masks[src], kcs, 1)
+            for t0, t1 in _tiles(setup, qc, sel.shape[2]):
+                mask = _tile_mask(qc, t0, t1, kpos, partial, pad, G)
+                o, ell = partial_attention(_rows(qg, qc, t0, t1), ks, vs, scale=setup.scale, mask=mask)
+                rows = slice(qc.local + t0, qc.local + t1)
+                prev_o, prev_l = out[:, :, :, rows], lse[:, :, :, rows]
+                o, ell = merge_partials(prev_o, prev_l, o.reshape(prev_o.shape), ell.reshape(prev_l.shape))
+                out[:, :, :, rows], lse[:, :, :, rows] = o, ell
+        if pending is not None:
+            kv = pending.wait()[0]
+    return out, lse
+
+
+def _tile_grads(qt, kt, vt, dot, lse_t, delta_t, mask, scale):
+    """Gradients of one tile given the final ``ℓ`` (``+∞`` for rows that see nothing) and
+    ``delta = rowsum(dO ⊙ O)``: ``(dq, dk, dv)`` of the tile, in the work dtype."""
+    s = torch.matmul(qt, kt.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = torch.exp(s - lse_t[..., None])
+    dv = torch.matmul(p.transpose(-1, -2), dot)
+    ds = p * (torch.matmul(dot, vt.transpose(-1, -2)) - delta_t[..., None])
+    return torch.matmul(ds, kt) * scale, torch.matmul(ds.transpose(-1, -2), qt) * scale, dv
+
+
+def _backward(setup: Setup, q, k, v, out, lse, dout, masks):
+    g, lay = setup.g, setup.layout
+    B, H, n, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    G = H // Hkv
+    work = setup.work_dtype
+    qg = q.reshape(B, Hkv, G, n, D).to(work)
+    do = dout.reshape(B, Hkv, G, n, Dv).to(work)
+    delta = (do * out).sum(-1)
+    lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
+    dq = torch.zeros_like(qg)
+    kv = torch.cat([k, v], dim=-1).contiguous()
+    nxt, prv = (g.rank + 1) % g.world, (g.rank - 1) % g.world
+    acc_pending = None
+    dkv = None
+    for t in range(g.world):
+        src = (g.rank - t) % g.world
+        kv_pending = None
+        if t < g.world - 1:
+            buf = kv.new_empty(B, Hkv, lay.lengths[(src - 1) % g.world], D + Dv)
+            kv_pending = comm.post(g, [(nxt, kv)], [(prv, buf)], tag=3)
+        dkv = torch.zeros(B, Hkv, kv.shape[2], D + Dv, dtype=work, device=q.device)
+        for qc, kcs, partial in _step_plan(setup, src):
+            sel = _select(kv, kcs, 2).to(work)
+            ks, vs = sel[..., :D], sel[..., D:]
+            kpos = torch.cat([torch.arange(c.start, c.stop, device=q.device) for c in kcs])
+            pad = None if masks is None else _select(masks[src], kcs, 1)
+            dsel = torch.zeros_like(sel)
+            for t0, t1 in _tiles(setup, qc, sel.shape[2]):
+                mask = _tile_mask(qc, t0, t1, kpos, partial, pad, G)
+                rows = slice(qc.local + t0, qc.local + t1)
+                dqt, dkt, dvt = _tile_grads(
+                    _rows(qg, qc, t0, t1),
+                    ks,
+                    vs,
+                    _rows(do, qc, t0, t1),
+                    lse[:, :, :, rows].reshape(B, Hkv, -1),
+                    delta[:, :, :, rows].reshape(B, Hkv, -1),
+                    mask,
+                    setup.scale,
+                )
+                dq[:, :, :, rows] += dqt.reshape(B, Hkv, G, t1 - t0, D)
+                dsel[..., :D] += dkt
+                dsel[..., D:] += dvt
+            at = 0
+            for c in kcs:
+                dkv[:, :, c.local : c.local + c.length] += dsel[:, :, at : at + c.length]
+                at += c.length
+        if acc_pending is not None:
+            dkv += acc_pending.wait()[0]  # what the ranks before added for this block
+        if g.world > 1:
+            buf = dkv.new_empty(B, Hkv, lay.lengths[(src - 1) % g.world], D + Dv)
+            acc_pending = comm.post(g, [(nxt, dkv)], [(prv, buf)], tag=4)
+        if kv_pending is not None:
+            kv = kv_pending.wait()[0]
+    mine = acc_pending.wait()[0] if acc_pending is not None else dkv
+    return dq.reshape(B, H, n, D), mine[..., :D], mine[..., D:]
+
+
+class _Ring(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, setup, masks):
+        out, lse = _forward(setup, q, k, v, masks)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.setup, ctx.masks = setup, masks
+        B, Hkv, G, n, Dv = out.shape
+        return out.reshape(B, Hkv * G, n, Dv).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(ctx.setup, q, k, v, out, lse, dout, ctx.masks)
+        need = ctx.needs_input_grad
+        return (
+            dq.to(q.dtype) if need[0] else None,
+            dk.to(k.dtype) if need[1] else None,
+            dv.to(v.dtype) if need[2] else None,
+            None,
+            None,
+        )
+
+
+def run(setup: Setup, q, k, v, key_padding_mask):
+    """This rank's output shard of exact attention over the whole sequence (see the module docstring)."""
+    return _Ring.apply(q, k, v, setup, shard_masks(setup, key_padding_mask))
