@@ -158,32 +158,39 @@ def _agree(g: comm.Group, problem: Exception | None, n: int, facts: dict[str, in
     texts = comm.all_gather(g, buf).cpu()
     first = failed[0]
     text = bytes(texts[first, : rows[first][1]].tolist()).decode(errors="replace")
-    others = f" (ranks {', '.join(map(str, failed[1:]))} failed too)" if len(failed) > 1 else ""
+    others = ""
+    if len(failed) > 1:
+        others = f" (rank{'s' if len(failed) > 2 else ''} {', '.join(map(str, failed[1:]))} too)"
     kind = rows[first][0]
     cls = _ERRORS[kind - 1] if kind <= len(_ERRORS) else RuntimeError
     err = cls(f"sla.distributed.attention on rank {first}: {text}{others}")
     raise err from problem
 
 
-def _disagreement(rows: list[list[int]]) -> str | None:
+#: Disagreements on these are shape errors; on the others, parameter errors.
+_SHAPE_FIELDS = ("batch", "heads", "kv_heads", "head_dim", "v_dim", "dtype", "device", "key_padding_mask")
+#: Fields whose values mean something to a reader (the others are fingerprints).
+_SHOWN = ("batch", "heads", "kv_heads", "head_dim", "v_dim", "causal", "key_padding_mask", "requires_grad")
+
+
+def _disagreement(rows: list[list[int]]) -> Exception | None:
     for i, name in enumerate(_FIELDS):
         values = [row[3 + i] for row in rows]
-        if len(set(values)) > 1:
-            groups: dict[int, list[int]] = {}
-            for r, val in enumerate(values):
-                groups.setdefault(val, []).append(r)
-            shown = name in (
-                "batch",
-                "heads",
-                "kv_heads",
-                "head_dim",
-                "v_dim",
-                "causal",
-                "key_padding_mask",
-                "requires_grad",
-            )
-            parts = [f"ranks {rs}" + (f": {val}" if shown else "") for val, rs in groups.items()]
-            return f"the ranks disagree on {name} ({'; '.join(parts)}); every rank must make the same call on its shard"
+        if len(set(values)) == 1:
+            continue
+        groups: dict[int, list[int]] = {}
+        for r, val in enumerate(values):
+            groups.setdefault(val, []).append(r)
+        parts = [
+            f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}" + (f": {val}" if name in _SHOWN else "")
+            for val, rs in groups.items()
+        ]
+        what = "" if name in _SHOWN else " (different values)"
+        cls = ShapeError if name in _SHAPE_FIELDS else ParameterError
+        return cls(
+            f"sla.distributed.attention: the ranks disagree on {name}{what}: {'; '.join(parts)}. Every rank "
+            f"must make the same call on its shard."
+        )
     return None
 
 
@@ -234,8 +241,8 @@ def attention(
     rows = _agree(g, problem, n, facts)
     assert spec is not None and prepared is not None and resolved is not None
     disagreement = _disagreement(rows)
-    if disagreement:
-        raise ShapeError(f"sla.distributed.attention: {disagreement}")
+    if disagreement is not None:
+        raise disagreement
     lengths = tuple(row[2] for row in rows)
     problem_text = layout_problem(layout, lengths)
     if problem_text:

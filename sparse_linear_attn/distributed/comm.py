@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,7 +37,7 @@ class Group:
     """A process group as the strategies use it: its handle, this process's rank in it, its
     size, its backend, and the device small control tensors must live on for that backend."""
 
-    handle: object
+    handle: dist.ProcessGroup | None
     rank: int
     world: int
     backend: str
@@ -214,7 +215,7 @@ def gather_ints(g: Group, values: Sequence[int], device=None) -> list[list[int]]
 class Pending:
     """Posted sends and receives; :meth:`wait` returns the receive buffers once all arrived."""
 
-    def __init__(self, works: list, received: list[torch.Tensor], keep: list[torch.Tensor]):
+    def __init__(self, works: list[Any], received: list[torch.Tensor], keep: list[torch.Tensor]):
         self._works, self._received, self._keep = works, received, keep
 
     def wait(self) -> list[torch.Tensor]:
@@ -239,7 +240,9 @@ def post(
     """
     sends = [(p, t.contiguous()) for p, t in sends]
     own = [t for p, t in sends if p == g.rank]
-    received, works, ops = [], [], []
+    received: list[torch.Tensor] = []
+    works: list[Any] = []
+    ops: list[dist.P2POp] = []
     for p, buf in recvs:
         if p == g.rank:
             buf.copy_(own.pop(0))
@@ -349,7 +352,7 @@ def _exchange_back(g: Group, grad: torch.Tensor, plan: FetchPlan, shape, dim: in
         size = list(shape)
         size[dim] = sum(n for _, n in pieces)
         recvs.append((dst, grad.new_empty(size)))
-    for (dst, pieces), buf in zip(plan.sends, post(g, sends, recvs, tag=2).wait()):
+    for (_dst, pieces), buf in zip(plan.sends, post(g, sends, recvs, tag=2).wait()):
         at = 0
         for s, n in pieces:
             out.narrow(dim, s, n).add_(buf.narrow(dim, at, n))

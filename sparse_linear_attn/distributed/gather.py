@@ -85,7 +85,7 @@ def run(setup: Setup, q, k, v, key_padding_mask):
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
-def _block_columns(setup: Setup, rank: int, layout: torch.Tensor) -> list[tuple[object, list[int]]]:
+def _block_columns(setup: Setup, rank: int, layout: torch.Tensor) -> list[tuple[tuple[int, int], list[int]]]:
     """For each chunk of ``rank``: its query-block rows and the key blocks to hand the local
     call, in order (needed blocks outside the chunk, then the chunk's own blocks, then a short
     last block of the sequence if needed and not the chunk's)."""

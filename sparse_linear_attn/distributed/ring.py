@@ -190,6 +190,7 @@ def _backward(setup: Setup, q, k, v, out, lse, dout, masks):
         if kv_pending is not None:
             kv = kv_pending.wait()[0]
     mine = acc_pending.wait()[0] if acc_pending is not None else dkv
+    assert mine is not None
     return dq.reshape(B, H, n, D), mine[..., :D], mine[..., D:]
 
 

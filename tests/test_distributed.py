@@ -1,0 +1,80 @@
+"""sla.distributed on real spawned gloo process groups of 2 and 3 ranks (CPU, float64).
+
+Each world size is spawned once (see tests/_distributed_worker.py) and runs every case in a
+loop: every family under every strategy that serves it, causal or not, contiguous or zigzag,
+grouped-query heads, key padding. Each rank's output and dq/dk/dv must equal its shard of the
+single-process ``backend="math"`` call to 1e-10. Then bad calls (each must raise the same error
+on every rank, and leave the group usable) and a rank that never calls (the other must fail by
+the group's timeout, not hang).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import _distributed_worker as worker  # isort: skip
+
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available():
+    pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
+
+WORLDS = (2, 3)
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """``reports(world)``: the spawned ranks' reports, spawning each world size once."""
+    done: dict[int, list[dict]] = {}
+
+    def get(world: int) -> list[dict]:
+        if world not in done:
+            done[world] = worker.spawn(world, str(tmp_path_factory.mktemp(f"pg{world}")), deadline_s=240)
+            for rep in done[world]:
+                assert "fatal" not in rep, f"rank {rep['rank']} failed outside the cases:\n{rep['fatal']}"
+        return done[world]
+
+    return get
+
+
+@pytest.mark.parametrize(("world", "case"), [(w, c.id) for w in WORLDS for c in worker.cases(w)], ids=lambda x: str(x))
+def test_each_rank_gets_its_shard_of_the_single_process_result(reports, world, case):
+    for rep in reports(world):
+        err = rep["cases"][case]
+        assert err is None, f"rank {rep['rank']} of {world}: {err}"
+
+
+#: For each bad call: the error type and words the message must contain.
+EXPECTED = {
+    "one_rank_bad_shape": ("ShapeError", "on rank 1"),
+    "one_rank_bad_param": ("ParameterError", "window=-1"),
+    "ranks_disagree_causal": ("ParameterError", "disagree on causal"),
+    "ranks_disagree_params": ("ParameterError", "disagree on parameters"),
+    "unequal_zigzag": ("ShapeError", "zigzag"),
+    "odd_zigzag": ("ShapeError", "divisible by 2·W"),
+    "unequal_ulysses": ("StrategyError", "equal shard lengths"),
+    "heads_ulysses": ("StrategyError", "divisible by the world size"),
+    "unknown_strategy": ("UnknownNameError", "Did you mean 'ring'"),
+    "wrong_strategy": ("StrategyError", "serves dot_product, full only"),
+    "unknown_layout": ("UnknownNameError", "zigzag"),
+    "misaligned_blocks": ("StrategyError", "multiple of block_size=4"),
+}
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_a_bad_call_raises_the_same_error_on_every_rank(reports, world):
+    reps = reports(world)
+    for name, (kind, words) in EXPECTED.items():
+        messages = {rep["errors"][name] for rep in reps}
+        assert len(messages) == 1, f"{name}: the ranks raised different errors: {messages}"
+        (message,) = messages
+        assert message.startswith(kind + ":") and words in message, f"{name}: {message}"
+    for rep in reps:
+        assert rep["errors"]["after_errors"] == "ok", f"rank {rep['rank']}: {rep['errors']['after_errors']}"
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_a_missing_rank_makes_the_others_fail_by_timeout(reports, world):
+    hang = reports(world)[0]["hang"]
+    assert hang["error"] is not None, "the call returned although another rank never joined it"
+    assert "Timed out" in hang["error"] or "timeout" in hang["error"].lower(), hang["error"]
+    assert hang["seconds"] < 15, f"failed only after {hang['seconds']:.1f} s with a 2 s group timeout"
