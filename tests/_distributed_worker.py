@@ -251,7 +251,12 @@ def _worker(rank: int, world: int, init_file: str, results, only: list[str] | No
     import torch.distributed as tdist
 
     import sparse_linear_attn as sla
+    from sparse_linear_attn.distributed import ring, scan
 
+    # Tiny tiles and blocks, so that the tests cross their boundaries (several row tiles per
+    # ring step, causal tiles cut short, several blocks per chunk state).
+    ring.TILE_ELEMENTS = 200
+    scan.BLOCK = 5
     report: dict[str, Any] = {"rank": rank}
     try:
         tdist.init_process_group(

@@ -33,7 +33,7 @@ from .layout import Chunk
 from .plan import Setup, shard_masks
 
 #: Score elements (batch · heads · rows · keys) of one tile; bounds the working memory.
-TILE_ELEMENTS = 1 << 22
+TILE_ELEMENTS = 1 << 20
 
 
 def _relation(qc: Chunk, kc: Chunk, causal: bool) -> str:
@@ -82,6 +82,14 @@ def _tile_mask(qc: Chunk, t0: int, t1: int, kpos, partial: bool, pad, groups: in
     return mask[:, None, None].expand(b, 1, groups, t, m).reshape(b, 1, groups * t, m)
 
 
+def _seen(kpos: torch.Tensor, qc: Chunk, t1: int, partial: bool) -> int:
+    """How many of the (ascending) keys rows ``..t1`` of ``qc`` can see at all: causal tiles
+    stop at their last row's position, so the future part of a diagonal block is never computed."""
+    if not partial:
+        return kpos.numel()
+    return int(torch.searchsorted(kpos, qc.start + t1 - 1, right=True))
+
+
 def _rows(x: torch.Tensor, qc: Chunk, t0: int, t1: int) -> torch.Tensor:
     """Rows ``t0:t1`` of chunk ``qc`` of ``x`` ``(B, Hkv, G, n, ·)`` as ``(B, Hkv, G·T, ·)``."""
     part = x[:, :, :, qc.local + t0 : qc.local + t1]
@@ -99,6 +107,7 @@ def _forward(setup: Setup, q, k, v, masks):
     lse = torch.full((B, Hkv, G, n), float("-inf"), dtype=work, device=q.device)
     kv = torch.cat([k, v], dim=-1).contiguous()
     nxt, prv = (g.rank + 1) % g.world, (g.rank - 1) % g.world
+    started: set[int] = set()  # query chunks (by local offset) that some step has written
     for t in range(g.world):
         src = (g.rank - t) % g.world
         pending = None
@@ -107,16 +116,22 @@ def _forward(setup: Setup, q, k, v, masks):
             pending = comm.post(g, [(nxt, kv)], [(prv, buf)], tag=3)
         for qc, kcs, partial in _step_plan(setup, src):
             sel = _select(kv, kcs, 2).to(work)
-            ks, vs = sel[..., :D], sel[..., D:]
             kpos = torch.cat([torch.arange(c.start, c.stop, device=q.device) for c in kcs])
             pad = None if masks is None else _select(masks[src], kcs, 1)
             for t0, t1 in _tiles(setup, qc, sel.shape[2]):
-                mask = _tile_mask(qc, t0, t1, kpos, partial, pad, G)
-                o, ell = partial_attention(_rows(qg, qc, t0, t1), ks, vs, scale=setup.scale, mask=mask)
+                m = _seen(kpos, qc, t1, partial)
+                if m == 0:
+                    continue
+                mask = _tile_mask(qc, t0, t1, kpos[:m], partial, None if pad is None else pad[:, :m], G)
+                o, ell = partial_attention(
+                    _rows(qg, qc, t0, t1), sel[:, :, :m, :D], sel[:, :, :m, D:], scale=setup.scale, mask=mask
+                )
                 rows = slice(qc.local + t0, qc.local + t1)
-                prev_o, prev_l = out[:, :, :, rows], lse[:, :, :, rows]
-                o, ell = merge_partials(prev_o, prev_l, o.reshape(prev_o.shape), ell.reshape(prev_l.shape))
+                o, ell = o.reshape(B, Hkv, G, t1 - t0, Dv), ell.reshape(B, Hkv, G, t1 - t0)
+                if qc.local in started:
+                    o, ell = merge_partials(out[:, :, :, rows], lse[:, :, :, rows], o, ell)
                 out[:, :, :, rows], lse[:, :, :, rows] = o, ell
+            started.add(qc.local)
         if pending is not None:
             kv = pending.wait()[0]
     return out, lse
@@ -124,14 +139,15 @@ def _forward(setup: Setup, q, k, v, masks):
 
 def _tile_grads(qt, kt, vt, dot, lse_t, delta_t, mask, scale):
     """Gradients of one tile given the final ``ℓ`` (``+∞`` for rows that see nothing) and
-    ``delta = rowsum(dO ⊙ O)``: ``(dq, dk, dv)`` of the tile, in the work dtype."""
-    s = torch.matmul(qt, kt.transpose(-1, -2)) * scale
+    ``delta = rowsum(dO ⊙ O)``: ``(dq, dk, dv)`` of the tile, in the work dtype. Runs outside
+    autograd, so the score-sized blocks are reused in place."""
+    s = torch.matmul(qt, kt.transpose(-1, -2)).mul_(scale)
     if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    p = torch.exp(s - lse_t[..., None])
+        s.masked_fill_(mask.logical_not(), float("-inf"))
+    p = s.sub_(lse_t[..., None]).exp_()
     dv = torch.matmul(p.transpose(-1, -2), dot)
-    ds = p * (torch.matmul(dot, vt.transpose(-1, -2)) - delta_t[..., None])
-    return torch.matmul(ds, kt) * scale, torch.matmul(ds.transpose(-1, -2), qt) * scale, dv
+    ds = torch.matmul(dot, vt.transpose(-1, -2)).sub_(delta_t[..., None]).mul_(p)
+    return torch.matmul(ds, kt).mul_(scale), torch.matmul(ds.transpose(-1, -2), qt).mul_(scale), dv
 
 
 def _backward(setup: Setup, q, k, v, out, lse, dout, masks):
@@ -158,17 +174,19 @@ def _backward(setup: Setup, q, k, v, out, lse, dout, masks):
         dkv = torch.zeros(B, Hkv, kv.shape[2], D + Dv, dtype=work, device=q.device)
         for qc, kcs, partial in _step_plan(setup, src):
             sel = _select(kv, kcs, 2).to(work)
-            ks, vs = sel[..., :D], sel[..., D:]
             kpos = torch.cat([torch.arange(c.start, c.stop, device=q.device) for c in kcs])
             pad = None if masks is None else _select(masks[src], kcs, 1)
             dsel = torch.zeros_like(sel)
             for t0, t1 in _tiles(setup, qc, sel.shape[2]):
-                mask = _tile_mask(qc, t0, t1, kpos, partial, pad, G)
+                m = _seen(kpos, qc, t1, partial)
+                if m == 0:
+                    continue
+                mask = _tile_mask(qc, t0, t1, kpos[:m], partial, None if pad is None else pad[:, :m], G)
                 rows = slice(qc.local + t0, qc.local + t1)
                 dqt, dkt, dvt = _tile_grads(
                     _rows(qg, qc, t0, t1),
-                    ks,
-                    vs,
+                    sel[:, :, :m, :D],
+                    sel[:, :, :m, D:],
                     _rows(do, qc, t0, t1),
                     lse[:, :, :, rows].reshape(B, Hkv, -1),
                     delta[:, :, :, rows].reshape(B, Hkv, -1),
@@ -176,8 +194,8 @@ def _backward(setup: Setup, q, k, v, out, lse, dout, masks):
                     setup.scale,
                 )
                 dq[:, :, :, rows] += dqt.reshape(B, Hkv, G, t1 - t0, D)
-                dsel[..., :D] += dkt
-                dsel[..., D:] += dvt
+                dsel[:, :, :m, :D] += dkt
+                dsel[:, :, :m, D:] += dvt
             at = 0
             for c in kcs:
                 dkv[:, :, c.local : c.local + c.length] += dsel[:, :, at : at + c.length]
