@@ -19,6 +19,7 @@ with the bytes the process really wrote to its sockets.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -313,71 +314,98 @@ def fetch_plan(layout, needs: Sequence[Sequence[tuple[int, int]]], rank: int) ->
     return FetchPlan(tuple(mine), tuple(sends))
 
 
-def _exchange(g: Group, x: torch.Tensor, plan: FetchPlan, dim: int) -> torch.Tensor:
-    """Forward of :func:`fetch`: the planned pieces, concatenated along ``dim``."""
-    sends = [(dst, torch.cat([x.narrow(dim, s, n) for s, n in pieces], dim)) for dst, pieces in plan.sends]
-    recvs = []
-    for src, n in plan.receives():
-        if src != g.rank:
-            shape = list(x.shape)
-            shape[dim] = n
-            recvs.append((src, x.new_empty(shape)))
-    got = dict(zip([s for s, _ in recvs], post(g, sends, recvs, tag=1).wait()))
+def _pack(xs: Sequence[torch.Tensor], pieces, dim: int) -> torch.Tensor:
+    """One flat message: for each tensor in turn, its ``pieces`` ``(start, length)`` along ``dim``."""
+    return torch.cat([torch.cat([x.narrow(dim, s, n) for s, n in pieces], dim).reshape(-1) for x in xs])
+
+
+def _unpack(buf: torch.Tensor, shapes: Sequence[torch.Size], length: int, dim: int) -> list[torch.Tensor]:
+    """The inverse of :func:`_pack` for a message of ``length`` positions along ``dim``."""
+    out, at = [], 0
+    for shape in shapes:
+        size = list(shape)
+        size[dim] = length
+        numel = math.prod(size)
+        out.append(buf[at : at + numel].view(size))
+        at += numel
+    return out
+
+
+def _per_position(shapes: Sequence[torch.Size], dim: int) -> int:
+    return sum(math.prod(shape) // shape[dim] for shape in shapes)
+
+
+def _exchange(g: Group, xs: Sequence[torch.Tensor], plan: FetchPlan, dim: int) -> list[torch.Tensor]:
+    """Forward of :func:`fetch`: for each tensor, the planned pieces concatenated along ``dim``."""
+    shapes = [x.shape for x in xs]
+    sends = [(dst, _pack(xs, pieces, dim)) for dst, pieces in plan.sends]
+    sizes = [(src, n) for src, n in plan.receives() if src != g.rank]
+    recvs = [(src, xs[0].new_empty(n * _per_position(shapes, dim))) for src, n in sizes]
+    got = {src: _unpack(buf, shapes, n, dim) for (src, n), buf in zip(sizes, post(g, sends, recvs, tag=1).wait())}
     offsets = dict.fromkeys(got, 0)
-    parts = []
+    parts: list[list[torch.Tensor]] = [[] for _ in xs]
     for src, s, n in plan.pieces:
-        if src == g.rank:
-            parts.append(x.narrow(dim, s, n))
-        else:
-            parts.append(got[src].narrow(dim, offsets[src], n))
+        for i, x in enumerate(xs):
+            parts[i].append(x.narrow(dim, s, n) if src == g.rank else got[src][i].narrow(dim, offsets[src], n))
+        if src != g.rank:
             offsets[src] += n
-    return torch.cat(parts, dim) if len(parts) > 1 else parts[0].clone()
+    return [torch.cat(p, dim) if len(p) > 1 else p[0].clone() for p in parts]
 
 
-def _exchange_back(g: Group, grad: torch.Tensor, plan: FetchPlan, shape, dim: int) -> torch.Tensor:
+def _exchange_back(
+    g: Group, grads: Sequence[torch.Tensor], plan: FetchPlan, shapes: Sequence[torch.Size], dim: int
+) -> list[torch.Tensor]:
     """Backward of :func:`fetch`: each piece's gradient returns to, and is added at, its source."""
-    out = grad.new_zeros(shape)
-    by_src: dict[int, list[torch.Tensor]] = {}
+    outs = [grad.new_zeros(shape) for grad, shape in zip(grads, shapes)]
+    by_src: dict[int, list[tuple[int, int]]] = {}
     at = 0
     for src, s, n in plan.pieces:
-        piece = grad.narrow(dim, at, n)
-        at += n
         if src == g.rank:
-            out.narrow(dim, s, n).add_(piece)
+            for out, grad in zip(outs, grads):
+                out.narrow(dim, s, n).add_(grad.narrow(dim, at, n))
         else:
-            by_src.setdefault(src, []).append(piece)
-    sends = [(src, torch.cat(parts, dim)) for src, parts in sorted(by_src.items())]
-    recvs = []
-    for dst, pieces in plan.sends:
-        size = list(shape)
-        size[dim] = sum(n for _, n in pieces)
-        recvs.append((dst, grad.new_empty(size)))
+            by_src.setdefault(src, []).append((at, n))
+        at += n
+    sends = [(src, _pack(grads, pieces, dim)) for src, pieces in sorted(by_src.items())]
+    per_position = _per_position(shapes, dim)
+    recvs = [(dst, grads[0].new_empty(sum(n for _, n in pieces) * per_position)) for dst, pieces in plan.sends]
     for (_dst, pieces), buf in zip(plan.sends, post(g, sends, recvs, tag=2).wait()):
-        at = 0
-        for s, n in pieces:
-            out.narrow(dim, s, n).add_(buf.narrow(dim, at, n))
-            at += n
-    return out
+        length = sum(n for _, n in pieces)
+        for out, part in zip(outs, _unpack(buf, shapes, length, dim)):
+            at = 0
+            for s, n in pieces:
+                out.narrow(dim, s, n).add_(part.narrow(dim, at, n))
+                at += n
+    return outs
 
 
 class _Fetch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, g, plan, dim):
-        ctx.g, ctx.plan, ctx.dim, ctx.shape = g, plan, dim, x.shape
-        return _exchange(g, x, plan, dim)
+    def forward(ctx, g, plan, dim, *xs):
+        ctx.g, ctx.plan, ctx.dim = g, plan, dim
+        ctx.shapes = [x.shape for x in xs]
+        return tuple(_exchange(g, xs, plan, dim))
 
     @staticmethod
-    def backward(ctx, grad):
-        return _exchange_back(ctx.g, grad.contiguous(), ctx.plan, ctx.shape, ctx.dim), None, None, None
+    def backward(ctx, *grads):
+        filled = []
+        for grad, shape in zip(grads, ctx.shapes):
+            if grad is None:  # an output that no loss used
+                size = list(shape)
+                size[ctx.dim] = ctx.plan.length
+                grad = torch.zeros(size, dtype=next(gr for gr in grads if gr is not None).dtype)
+            filled.append(grad.contiguous())
+        return (None, None, None, *_exchange_back(ctx.g, filled, ctx.plan, ctx.shapes, ctx.dim))
 
 
-def fetch(g: Group, x: torch.Tensor, plan: FetchPlan, dim: int = 2) -> torch.Tensor:
-    """The pieces of the sharded sequence ``plan`` names, concatenated along ``dim``, from this
-    rank's shard ``x`` and messages from their owners. Every rank must call it with its plan of
-    the same exchange. Differentiable: gradients travel back to the pieces' owners."""
-    if x.requires_grad and torch.is_grad_enabled():
-        return _Fetch.apply(x, g, plan, dim)
-    return _exchange(g, x, plan, dim)
+def fetch(g: Group, xs: Sequence[torch.Tensor], plan: FetchPlan, dim: int = 2) -> list[torch.Tensor]:
+    """For each tensor of ``xs`` (shards of the sequence along ``dim``, one dtype), the pieces
+    ``plan`` names, concatenated along ``dim``: local pieces are copied, remote ones arrive in
+    one message per pair of ranks. Every rank must call it with its plan of the same exchange.
+    Differentiable: gradients travel back to the pieces' owners."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
+        return list(_Fetch.apply(g, plan, dim, *xs))
+    return _exchange(g, xs, plan, dim)
 
 
 @contextmanager

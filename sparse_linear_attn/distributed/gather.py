@@ -61,7 +61,9 @@ def run(setup: Setup, q, k, v, key_padding_mask):
     D = k.shape[-1]
     kv = torch.cat([k, v], dim=-1).transpose(0, 2)  # (n, Hkv, B, D + Dv): sequence first
     whole = comm.gather_shards(g, kv, lay.lengths)
-    whole = whole.index_select(0, lay.order().to(q.device)).transpose(0, 2)  # (B, Hkv, N, D + Dv)
+    if not lay.in_order:
+        whole = whole.index_select(0, lay.order().to(q.device))
+    whole = whole.transpose(0, 2)  # (B, Hkv, N, D + Dv)
     pad = global_mask(setup, key_padding_mask)
     N = setup.total
     kw = dict(causal=setup.causal, scale=setup.scale, **setup.params)
@@ -126,11 +128,11 @@ def _run_blocks(setup: Setup, q, k, v, key_padding_mask):
     per_rank = [_block_columns(setup, r, layout) for r in range(g.world)]
     needs = [[rg for _, cols in chunks for rg in _merge_ranges(cols, bs, N)] for chunks in per_rank]
     plan = comm.fetch_plan(setup.layout, needs, g.rank)
-    D = k.shape[-1]
-    kv = comm.fetch(g, torch.cat([k, v], dim=-1), plan)
+    ks, vs = comm.fetch(g, [k, v], plan)
     pad = None
     if key_padding_mask is not None:
-        pad = comm.fetch(g, key_padding_mask.to(torch.uint8)[:, None, :, None], plan)[:, 0, :, 0].bool()
+        (pad8,) = comm.fetch(g, [key_padding_mask.to(torch.uint8)], plan, dim=1)
+        pad = pad8.bool()
     params = {name: val for name, val in setup.params.items() if name not in ("layout", "pattern")}
     outs, at = [], 0
     for c, ((r0, r1), cols) in zip(setup.chunks, per_rank[g.rank]):
@@ -138,8 +140,8 @@ def _run_blocks(setup: Setup, q, k, v, key_padding_mask):
         rows = layout[..., r0:r1, :].index_select(-1, torch.tensor(cols, dtype=torch.long))
         o = api.attention(
             q[:, :, c.local : c.local + c.length],
-            kv[:, :, at:stop, :D],
-            kv[:, :, at:stop, D:],
+            ks[:, :, at:stop],
+            vs[:, :, at:stop],
             "block_sparse",
             causal=setup.causal,
             key_padding_mask=None if pad is None else pad[:, at:stop],

@@ -46,11 +46,11 @@ def run(setup: Setup, q, k, v, key_padding_mask):
     g = setup.g
     ranges = [_chunk_ranges(setup, r) for r in range(g.world)]
     plan = comm.fetch_plan(setup.layout, [sum(per_chunk, []) for per_chunk in ranges], g.rank)
-    D = k.shape[-1]
-    kv = comm.fetch(g, torch.cat([k, v], dim=-1), plan)
+    ks, vs = comm.fetch(g, [k, v], plan)
     pad = None
     if key_padding_mask is not None:
-        pad = comm.fetch(g, key_padding_mask.to(torch.uint8)[:, None, :, None], plan)[:, 0, :, 0].bool()
+        (pad8,) = comm.fetch(g, [key_padding_mask.to(torch.uint8)], plan, dim=1)
+        pad = pad8.bool()
     outs, at = [], 0
     for c, spans in zip(setup.chunks, ranges[g.rank]):
         stop = at + sum(hi - lo for lo, hi in spans)
@@ -60,8 +60,8 @@ def run(setup: Setup, q, k, v, key_padding_mask):
             qc = F.pad(qc, (0, 0, 0, extra))
         o = api.attention(
             qc,
-            kv[:, :, at:stop, :D],
-            kv[:, :, at:stop, D:],
+            ks[:, :, at:stop],
+            vs[:, :, at:stop],
             setup.variant,
             causal=setup.causal,
             key_padding_mask=None if pad is None else pad[:, at:stop],

@@ -109,6 +109,11 @@ class Layout:
                     pieces.append((lo, rank, c.local + lo - c.start, hi - lo))
         return [p[1:] for p in sorted(pieces)]
 
+    @property
+    def in_order(self) -> bool:
+        """Whether the rank-major concatenation of the shards is already the global order."""
+        return self.name == "contiguous"
+
     def order(self) -> torch.Tensor:
         """``g = order()``: the rank-major concatenation of all shards, indexed by ``g``, is the
         sequence in global order (int64 ``(N,)``)."""

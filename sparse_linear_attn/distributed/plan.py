@@ -79,5 +79,5 @@ def global_mask(setup: Setup, key_padding_mask: torch.Tensor | None) -> torch.Te
     masks = shard_masks(setup, key_padding_mask)
     if masks is None:
         return None
-    order = setup.layout.order().to(masks[0].device)
-    return torch.cat(masks, dim=1).index_select(1, order)
+    whole = torch.cat(masks, dim=1)
+    return whole if setup.layout.in_order else whole.index_select(1, setup.layout.order().to(whole.device))

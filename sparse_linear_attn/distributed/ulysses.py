@@ -86,9 +86,14 @@ def run(setup: Setup, q, k, v, key_padding_mask):
     kvs = _to_heads(g, torch.cat([k, v], dim=-1)).reshape(w, -1)
     sent = torch.cat([qs, kvs], dim=1)
     got = comm.all_to_all_diff(g, sent) if sent.requires_grad else comm.all_to_all(g, sent)
-    order = setup.layout.order().to(q.device)
-    qh = got[:, : qs.shape[1]].reshape(w * n, B, hq, D).index_select(0, order).permute(1, 2, 0, 3)
-    kvh = got[:, qs.shape[1] :].reshape(w * n, B, hk, D + Dv).index_select(0, order).permute(1, 2, 0, 3)
+    lay = setup.layout
+    order = None if lay.in_order else lay.order().to(q.device)
+
+    def in_global_order(x: torch.Tensor, dim: int) -> torch.Tensor:
+        return x if order is None else x.index_select(dim, order)
+
+    qh = in_global_order(got[:, : qs.shape[1]].reshape(w * n, B, hq, D), 0).permute(1, 2, 0, 3)
+    kvh = in_global_order(got[:, qs.shape[1] :].reshape(w * n, B, hk, D + Dv), 0).permute(1, 2, 0, 3)
     out = api.attention(
         qh,
         kvh[..., :D],
@@ -99,9 +104,11 @@ def run(setup: Setup, q, k, v, key_padding_mask):
         scale=setup.scale,
         **_head_params(setup),
     )  # (B, H/W, N, Dv)
-    back = torch.empty_like(order)
-    back[order] = torch.arange(order.numel(), device=order.device)
-    # Global order → rank-major, then each rank's part of the sequence goes home.
-    ranked = out.index_select(2, back).reshape(B, hq, w, n, Dv).permute(2, 0, 1, 3, 4)  # (W, B, H/W, n, Dv)
+    if order is not None:  # global order → rank-major
+        back = torch.empty_like(order)
+        back[order] = torch.arange(order.numel(), device=order.device)
+        out = out.index_select(2, back)
+    # Each rank's part of the sequence goes home.
+    ranked = out.reshape(B, hq, w, n, Dv).permute(2, 0, 1, 3, 4)  # (W, B, H/W, n, Dv)
     home = comm.all_to_all_diff(g, ranked) if ranked.requires_grad else comm.all_to_all(g, ranked)
     return home.permute(1, 0, 2, 3, 4).reshape(B, H, n, Dv)
