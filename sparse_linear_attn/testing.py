@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -127,28 +127,28 @@ class Case:
 
 
 _F64, _F32, _BF16 = torch.float64, torch.float32, torch.bfloat16
-_SELF_CAUSAL = dict(kv_heads=2, causal=True, padding="some", scale=0.37, strided=True)
-_SHORT_Q_CAUSAL = dict(kv_heads=1, causal=True, padding="row")
-_LONG_Q_CAUSAL = dict(kv_heads=2, causal=True)  # queries 0..23 come before every key: they see none
+_SELF_CAUSAL = Case("self-causal-gqa-padded", 24, 24, kv_heads=2, causal=True, padding="some", scale=0.37, strided=True)
+_SHORT_Q_CAUSAL = Case("short-q-causal-mqa-padded-row", 16, 40, kv_heads=1, causal=True, padding="row")
+_LONG_Q_CAUSAL = Case("long-q-causal-gqa", 40, 16, kv_heads=2, causal=True)  # queries 0..23 see no key
 
 #: The calls :func:`check_variant` makes, in order. Sizes are small (N ≤ 40) so a variant's whole
 #: check takes a fraction of a second; ``examples`` of a variant are sized for these lengths.
 CASES: tuple[Case, ...] = (
     Case("self", 24, 24),
-    Case("self-causal-gqa-padded", 24, 24, **_SELF_CAUSAL),
-    Case("short-q-causal-mqa-padded-row", 16, 40, **_SHORT_Q_CAUSAL),
-    Case("long-q-causal-gqa", 40, 16, **_LONG_Q_CAUSAL),
+    _SELF_CAUSAL,
+    _SHORT_Q_CAUSAL,
+    _LONG_Q_CAUSAL,
     Case("long-q-mqa-padded-row", 40, 16, kv_heads=1, padding="row"),
     Case("short-q-scaled", 16, 40, scale=0.37),
-    Case("self-causal-gqa-padded", 24, 24, **_SELF_CAUSAL, dtype=_F32),
-    Case("long-q-causal-gqa", 40, 16, **_LONG_Q_CAUSAL, dtype=_F32),
-    Case("self-causal-gqa-padded", 24, 24, **_SELF_CAUSAL, dtype=_BF16),
-    Case("short-q-causal-mqa-padded-row", 16, 40, **_SHORT_Q_CAUSAL, dtype=_BF16),
+    replace(_SELF_CAUSAL, dtype=_F32),
+    replace(_LONG_Q_CAUSAL, dtype=_F32),
+    replace(_SELF_CAUSAL, dtype=_BF16),
+    replace(_SHORT_Q_CAUSAL, dtype=_BF16),
     # Without grad in float32: what backends with no backward (Flex on CPU) can run. One case,
     # so that a backend compiling per shape and mask compiles once.
-    Case("short-q-causal-mqa-padded-row", 16, 40, **_SHORT_Q_CAUSAL, dtype=_F32, grad=False),
-    Case("self-causal-gqa-padded", 24, 24, **_SELF_CAUSAL, grad=False, weights=True),
-    Case("long-q-causal-gqa", 40, 16, **_LONG_Q_CAUSAL, grad=False, weights=True),
+    replace(_SHORT_Q_CAUSAL, dtype=_F32, grad=False),
+    replace(_SELF_CAUSAL, grad=False, weights=True),
+    replace(_LONG_Q_CAUSAL, grad=False, weights=True),
     Case("empty-q", 0, 24, kv_heads=2, causal=True, padding="some", dtype=_F32),
     Case("empty-k", 24, 0, kv_heads=2, causal=True, dtype=_F32),
 )
@@ -291,9 +291,8 @@ class _Inputs:
     cotangent: torch.Tensor
 
     def to(self, dtype: torch.dtype) -> _Inputs:
-        return _Inputs(
-            *(t.to(dtype) for t in (self.q, self.k, self.v)), self.key_padding_mask, self.cotangent.to(dtype)
-        )
+        q, k, v = (t.to(dtype) for t in (self.q, self.k, self.v))
+        return _Inputs(q, k, v, self.key_padding_mask, self.cotangent.to(dtype))
 
 
 def _make_inputs(case: Case, head_dim: int, device: torch.device, seed: int) -> _Inputs:
@@ -317,7 +316,8 @@ def _make_inputs(case: Case, head_dim: int, device: torch.device, seed: int) -> 
         kpm = kpm.to(device)
     cot = torch.randn(B, H, nq, Dv, generator=g, dtype=_F64)
     # .to keeps the strides of a strided view (memory_format=preserve_format).
-    return _Inputs(*(t.to(device=device, dtype=case.dtype) for t in (q, k, v)), kpm, cot.to(device, case.dtype))
+    q, k, v = (t.to(device=device, dtype=case.dtype) for t in (q, k, v))
+    return _Inputs(q, k, v, kpm, cot.to(device, case.dtype))
 
 
 Runner = Callable[..., Any]  # (q, k, v, key_padding_mask, return_weights) -> out | (out, weights)
@@ -561,10 +561,10 @@ def _check_case(target: _Target, case: Case, x: _Inputs, names: list[str], repor
             x64 = x.to(_F64)
             if kind == "definition":
                 scale = spec.resolve_scale(case.scale, target.head_dim)
-                leaves = [t.detach().requires_grad_(case.grad) for t in (x64.q, x64.k, x64.v)]
+                q, k, v = (t.detach().requires_grad_(case.grad) for t in (x64.q, x64.k, x64.v))
                 with torch.set_grad_enabled(case.grad):
-                    out, w = reference_attention(*leaves, visible, scale)
-                grads = torch.autograd.grad(out, leaves, x64.cotangent) if case.grad else None
+                    out, w = reference_attention(q, k, v, visible, scale)
+                grads = torch.autograd.grad(out, (q, k, v), x64.cotangent) if case.grad else None
                 references[kind] = _Result(out.detach(), w.detach(), grads)
             else:
                 references[kind] = target.evaluate(backend, case, x64, _F64)
