@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -332,6 +333,8 @@ def _evaluate(run: Runner, x: _Inputs, *, grad: bool, weights: bool, params: tup
     leaves = [t.detach().requires_grad_() for t in (x.q, x.k, x.v)]
     res = run(*leaves, x.key_padding_mask, weights)
     out, w = res if weights else (res, None)
+    if out.shape != x.cotangent.shape:
+        raise AssertionError(f"out has shape {tuple(out.shape)}, expected {tuple(x.cotangent.shape)}")
     if not out.requires_grad:
         raise AssertionError("the output is not connected to the autograd graph of q, k, v")
     wrt = [*leaves, *params]
@@ -350,8 +353,20 @@ class _Checker:
     def __init__(self, variant: str, params: Mapping[str, Any], backend: str, case: Case):
         self.where = f"{_call_text(variant, params)}: backend {backend!r}, case {case.label!r} ({case.describe()})"
 
-    def fail(self, what: str) -> None:
+    def fail(self, what: str) -> NoReturn:
         raise AssertionError(f"{self.where}: {what}")
+
+    @contextmanager
+    def running(self, what: str) -> Iterator[None]:
+        """An exception inside (but CannotRun) becomes an AssertionError that says where."""
+        try:
+            yield
+        except CannotRun:
+            raise
+        except AssertionError as e:
+            self.fail(f"{what}: {e}")
+        except Exception as e:
+            raise AssertionError(f"{self.where}: {what} raised {type(e).__name__}: {e}") from e
 
     def finite(self, name: str, t: torch.Tensor) -> None:
         bad = ~torch.isfinite(t)
@@ -577,12 +592,11 @@ def _check_case(target: _Target, case: Case, x: _Inputs, names: list[str], repor
             continue
         check = _Checker(name, target.params, backend, case)
         try:
-            got = target.evaluate(backend, case, x, case.dtype)
+            with check.running("the call"):
+                got = target.evaluate(backend, case, x, case.dtype)
         except CannotRun as e:
             report.skipped.setdefault(backend, []).append((case.label, e.reason))
             continue
-        except AssertionError as e:
-            check.fail(str(e))
         expected_shape = (case.batch, case.heads, case.nq, case.v_dim)
         if tuple(got.out.shape) != expected_shape or got.out.dtype != case.dtype:
             check.fail(
@@ -598,7 +612,8 @@ def _check_case(target: _Target, case: Case, x: _Inputs, names: list[str], repor
 
         kind = _reference_kind(spec, backend, case.dtype)
         if kind is not None:
-            ref = reference(kind[0], "math" if kind[0] == "math" else backend)
+            with check.running(f"its reference, {kind[1]},"):
+                ref = reference(kind[0], "math" if kind[0] == "math" else backend)
             check.close("out", got.out, ref.out, case.dtype, kind[1])
             for what, g, r in zip(("dq", "dk", "dv"), got.grads or (), ref.grads or ()):
                 check.close(what, g, r, case.dtype, kind[1])
@@ -611,7 +626,8 @@ def _check_case(target: _Target, case: Case, x: _Inputs, names: list[str], repor
         moved = _perturbed(x, visible) if case.dtype == _F64 and not case.weights else None
         if moved is not None and (case.causal or case.padding != "none"):
             x2, unaffected = moved
-            again = target.evaluate(backend, case, x2, case.dtype)
+            with check.running("the call with changed future/padded keys"):
+                again = target.evaluate(backend, case, x2, case.dtype)
             keep = unaffected.expand(got.out.shape[:3])
             check.close(
                 "out of rows that cannot see the changed keys",
