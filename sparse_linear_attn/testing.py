@@ -77,7 +77,6 @@ class Tolerance:
 TOLERANCES: dict[torch.dtype, Tolerance] = {
     torch.float64: Tolerance(atol=1e-12, rtol=1e-10),
     torch.float32: Tolerance(atol=1e-6, rtol=5e-5),
-    torch.float16: Tolerance(atol=1e-4, rtol=4e-3),
     torch.bfloat16: Tolerance(atol=1e-3, rtol=2e-2),
 }
 
