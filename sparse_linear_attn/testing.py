@@ -483,7 +483,8 @@ def check_variant(
     Raises ``AssertionError`` naming the variant, parameters, backend, case and the largest
     error against its tolerance at the first failure. Returns a :class:`ConformanceReport` of
     the cases run and skipped per backend. ``backends`` limits the check to some of the
-    variant's backends; ``device`` is where inputs live. Variants with learned parameters
+    variant's backends; ``device`` is where inputs live (these two names are therefore not
+    passed on as variant parameters). Variants with learned parameters
     (``nn.Module``) are built with ``sla.build``; a parameter called ``head_dim`` sets the
     inputs' head size.
     """
