@@ -37,6 +37,7 @@ class Case:
     padding: bool
     params: dict[str, Any] = field(default_factory=dict)
     label: str = ""
+    uneven: bool = False  # N = 12·W + 1: contiguous shards of unequal lengths
 
     @property
     def id(self) -> str:
@@ -47,7 +48,7 @@ class Case:
             self.layout,
             "gqa" if self.gqa else "mha",
             "pad" if self.padding else "nopad",
-        ]
+        ] + (["uneven"] if self.uneven else [])
         return "-".join(bits)
 
 
@@ -93,6 +94,13 @@ def cases(world: int) -> list[Case]:
                 out.append(
                     Case(variant, strategy, bool(causal), layouts[layout], bool(gqa), bool(padding), params, label)
                 )
+    # Unequal contiguous shards (N = 12·W + 1), for every strategy that takes them.
+    for label, variant, params, strategies in FAMILIES:
+        for strategy in strategies:
+            if strategy in ("ulysses",) or variant == "block_sparse" or label in ("dot_product", "window40"):
+                continue
+            for causal in (False, True):
+                out.append(Case(variant, strategy, causal, "contiguous", True, True, params, label, uneven=True))
     # A per-head block layout (sliced per rank by ulysses, read per head by the block fetch).
     nb = world_shape(world)["n"] // 3
     heads = world_shape(world)["heads"]
@@ -116,7 +124,8 @@ def cases(world: int) -> list[Case]:
 
 
 def inputs(world: int, case: Case, seed: int = 0):
-    s = world_shape(world)
+    s = dict(world_shape(world))
+    s["n"] += case.uneven
     g = torch.Generator().manual_seed(seed)
     hkv = s["kv_gqa"] if case.gqa else s["kv_mha"]
     q = torch.randn(s["batch"], s["heads"], s["n"], s["d"], generator=g, dtype=F64)
@@ -171,6 +180,67 @@ def _close(what: str, got, want) -> None:
         raise AssertionError(
             f"{what}: {int(bad.sum())} of {bad.numel()} elements differ, max error {float(err.max()):.3g}"
         )
+
+
+def _layouts(sla, world: int, rank: int) -> dict[str, str | None]:
+    """shard / unshard / positions: round trips, positions of the shards, unshard's gradient."""
+    dist = sla.distributed
+    out: dict[str, str | None] = {}
+    for layout in ("contiguous", "zigzag"):
+        for n in (12 * world, 12 * world + 1) if layout == "contiguous" else (12 * world,):
+            name = f"{layout}-{n}"
+            try:
+                whole = torch.arange(2 * 3 * n, dtype=F64).reshape(2, 3, n)
+                mine = dist.shard(whole, layout=layout, dim=2)
+                pos = dist.positions(mine.shape[2], layout=layout)
+                assert torch.equal(mine, whole[:, :, pos]), "shard != whole[positions]"
+                assert torch.equal(dist.shard(whole[0], layout=layout, dim=1), mine[0]), "dim=1 differs"
+                leaf = mine.clone().requires_grad_()
+                back = dist.unshard(leaf, layout=layout, dim=-1)
+                assert torch.equal(back, whole), "unshard(shard(x)) != x"
+                # Every rank's loss uses the whole: each shard's gradient is the sum over ranks.
+                weight = torch.arange(n, dtype=F64) * (rank + 1)
+                (back * weight).sum().backward()
+                total = sum(r + 1 for r in range(world))
+                want = (torch.arange(n, dtype=F64) * total)[pos].expand_as(leaf)
+                assert torch.equal(leaf.grad, want), "unshard's gradient is not the sum over ranks"
+                out[name] = None
+            except Exception as e:  # noqa: BLE001
+                out[name] = f"{type(e).__name__}: {e}"
+    return out
+
+
+#: (name, variant, params, strategy, causal, layout) whose bytes are compared with the formulas.
+TRAFFIC = (
+    ("ring", "full", {}, "ring", False, "contiguous"),
+    ("ring-causal-zigzag", "full", {}, "ring", True, "zigzag"),
+    ("halo", "sliding_window", {"window": 3}, "halo", False, "contiguous"),
+    ("halo-causal", "sliding_window", {"window": 5}, "halo", True, "contiguous"),
+    ("scan", "linear", {}, "scan", False, "contiguous"),
+    ("scan-causal-zigzag", "linear", {}, "scan", True, "zigzag"),
+    ("allgather", "full", {}, "allgather", False, "contiguous"),
+    ("ulysses", "full", {}, "ulysses", True, "contiguous"),
+)
+
+
+def traffic_config(world: int, causal: bool, layout: str) -> dict[str, Any]:
+    s = world_shape(world)
+    return dict(
+        seq_len=s["n"], batch=s["batch"], heads=s["heads"], kv_heads=s["kv_gqa"], head_dim=s["d"],
+        v_dim=s["dv"], dtype="float64", causal=causal, layout=layout,
+    )  # fmt: skip
+
+
+def _traffic(sla, world: int, rank: int) -> dict[str, int]:
+    """Bytes this rank's forward call counted, per TRAFFIC entry (the parent checks the mean)."""
+    out = {}
+    for name, variant, params, strategy, causal, layout in TRAFFIC:
+        q, k, v, _, _ = inputs(world, Case(variant, strategy, causal, layout, True, False, params))
+        shards = [sla.distributed.shard(t, layout=layout) for t in (q, k, v)]
+        with sla.distributed.counting() as counted:
+            sla.distributed.attention(*shards, variant, causal=causal, layout=layout, strategy=strategy, **params)
+        out[name] = sum(counted.values())
+    return out
 
 
 def _errors(sla, world: int, rank: int) -> dict[str, str]:
@@ -279,6 +349,8 @@ def _worker(rank: int, world: int, init_file: str, results, only: list[str] | No
         report["cases"] = failures
         report["cases_seconds"] = time.monotonic() - started
         if only is None:
+            report["layouts"] = _layouts(sla, world, rank)
+            report["traffic"] = _traffic(sla, world, rank)
             report["errors"] = _errors(sla, world, rank)
             tdist.barrier()
             report["hang"] = _hang(sla, world, rank)

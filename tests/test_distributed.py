@@ -10,6 +10,9 @@ the group's timeout, not hang).
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 
 import _distributed_worker as worker  # isort: skip
@@ -41,6 +44,26 @@ def test_each_rank_gets_its_shard_of_the_single_process_result(reports, world, c
     for rep in reports(world):
         err = rep["cases"][case]
         assert err is None, f"rank {rep['rank']} of {world}: {err}"
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_shard_unshard_and_positions(reports, world):
+    for rep in reports(world):
+        for name, err in rep["layouts"].items():
+            assert err is None, f"rank {rep['rank']} of {world}, {name}: {err}"
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_bytes_sent_follow_the_formulas_of_the_docs(reports, world):
+    from sparse_linear_attn.bench.distributed import formula_bytes, parse_spec
+
+    reps = reports(world)
+    for name, variant, params, strategy, causal, layout in worker.TRAFFIC:
+        spec = parse_spec(f"{variant}:" + ",".join([f"{k}={v}" for k, v in params.items()] + [f"strategy={strategy}"]))
+        want = formula_bytes(spec, worker.traffic_config(world, causal, layout), world)["forward"]
+        mean = sum(rep["traffic"][name] for rep in reps) / len(reps)
+        # The counter rounds fractional shares (all-reduce, all-to-all) down to whole bytes.
+        assert abs(mean - want) < 2, f"{name}: counted {mean} bytes per rank, formula {want}"
 
 
 #: For each bad call: the error type and words the message must contain.
@@ -78,3 +101,27 @@ def test_a_missing_rank_makes_the_others_fail_by_timeout(reports, world):
     assert hang["error"] is not None, "the call returned although another rank never joined it"
     assert "Timed out" in hang["error"] or "timeout" in hang["error"].lower(), hang["error"]
     assert hang["seconds"] < 15, f"failed only after {hang['seconds']:.1f} s with a 2 s group timeout"
+
+
+def _imports(path: Path, package: Path) -> set[str]:
+    here = list(path.relative_to(package.parent).with_suffix("").parts)[:-1]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = here[: len(here) - node.level + 1] if node.level else []
+            out.add(".".join([*base, *([node.module] if node.module else [])]))
+    return out
+
+
+def test_the_single_process_path_never_imports_distributed():
+    import sparse_linear_attn as sla
+
+    package = Path(sla.__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package).as_posix()
+        if rel.startswith(("distributed/", "bench/distributed.py")):
+            continue  # the package itself, and the benchmark tool on top of it
+        imported = _imports(path, package)
+        assert not any(m.startswith("sparse_linear_attn.distributed") for m in imported), f"{rel} imports it"

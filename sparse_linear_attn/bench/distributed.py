@@ -123,11 +123,13 @@ def parse_spec(text: str) -> dict[str, Any]:
 
 def formula_bytes(variant: dict[str, Any], cfg: dict[str, Any], world: int) -> dict[str, float]:
     """Bytes each rank sends per call, on average over ranks, by the strategy's closed form:
-    ``{"forward": ..., "backward": ...}`` (payload only; plus ``(W−1)·144`` bytes of agreement)."""
+    ``{"forward": ..., "backward": ...}``, payload only, the forward including the ``(W−1)·144``
+    bytes of the ranks' agreement. Contiguous shards of equal length; ``halo`` for a window no
+    wider than a shard; no key padding (which adds an all-gather of ``B·N`` bytes)."""
     import torch
 
     W, N, B, H, Hkv, D = world, cfg["seq_len"], cfg["batch"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
-    Dv = D
+    Dv = cfg.get("v_dim") or D
     s = torch.empty((), dtype=getattr(torch, cfg["dtype"])).element_size()
     work = max(4, s)
     n = N / W
