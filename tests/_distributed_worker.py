@@ -351,6 +351,7 @@ def _worker(rank: int, world: int, init_file: str, results, only: list[str] | No
         if only is None:
             report["layouts"] = _layouts(sla, world, rank)
             report["traffic"] = _traffic(sla, world, rank)
+        if only is None and world > 1:  # these need a second rank
             report["errors"] = _errors(sla, world, rank)
             tdist.barrier()
             report["hang"] = _hang(sla, world, rank)

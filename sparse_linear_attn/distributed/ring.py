@@ -96,6 +96,30 @@ def _rows(x: torch.Tensor, qc: Chunk, t0: int, t1: int) -> torch.Tensor:
     return part.reshape(*part.shape[:2], -1, part.shape[-1])
 
 
+def _forward_step(setup: Setup, qg, keys, values, src: int, out, lse, started: set[int], masks) -> None:
+    """Merge the attention of this rank's queries over ``src``'s K/V block into ``out``/``lse``.
+    (A function of its own, so that its views of the block die before the next one arrives.)"""
+    B, Hkv, G = qg.shape[:3]
+    Dv = out.shape[-1]
+    for qc, kcs, partial in _step_plan(setup, src):
+        ks = _select(keys, kcs, 2).to(setup.work_dtype)
+        vs = _select(values, kcs, 2).to(setup.work_dtype)
+        kpos = torch.cat([torch.arange(c.start, c.stop, device=qg.device) for c in kcs])
+        pad = None if masks is None else _select(masks[src], kcs, 1)
+        for t0, t1 in _tiles(setup, qc, ks.shape[2]):
+            m = _seen(kpos, qc, t1, partial)
+            if m == 0:
+                continue
+            mask = _tile_mask(qc, t0, t1, kpos[:m], partial, None if pad is None else pad[:, :m], G)
+            o, ell = partial_attention(_rows(qg, qc, t0, t1), ks[:, :, :m], vs[:, :, :m], scale=setup.scale, mask=mask)
+            rows = slice(qc.local + t0, qc.local + t1)
+            o, ell = o.reshape(B, Hkv, G, t1 - t0, Dv), ell.reshape(B, Hkv, G, t1 - t0)
+            if qc.local in started:
+                o, ell = merge_partials(out[:, :, :, rows], lse[:, :, :, rows], o, ell)
+            out[:, :, :, rows], lse[:, :, :, rows] = o, ell
+        started.add(qc.local)
+
+
 def _forward(setup: Setup, q, k, v, masks):
     g, lay = setup.g, setup.layout
     B, H, n, D = q.shape
@@ -105,33 +129,20 @@ def _forward(setup: Setup, q, k, v, masks):
     qg = q.reshape(B, Hkv, G, n, D).to(work)
     out = torch.zeros(B, Hkv, G, n, Dv, dtype=work, device=q.device)
     lse = torch.full((B, Hkv, G, n), float("-inf"), dtype=work, device=q.device)
-    kv = torch.cat([k, v], dim=-1).contiguous()
+    # One message per step: keys and values travel together (not needed without other ranks).
+    kv = torch.cat([k, v], dim=-1).contiguous() if g.world > 1 else None
     nxt, prv = (g.rank + 1) % g.world, (g.rank - 1) % g.world
     started: set[int] = set()  # query chunks (by local offset) that some step has written
     for t in range(g.world):
         src = (g.rank - t) % g.world
         pending = None
-        if t < g.world - 1:
+        if kv is not None and t < g.world - 1:
             buf = kv.new_empty(B, Hkv, lay.lengths[(src - 1) % g.world], D + Dv)
             pending = comm.post(g, [(nxt, kv)], [(prv, buf)], tag=3)
-        for qc, kcs, partial in _step_plan(setup, src):
-            sel = _select(kv, kcs, 2).to(work)
-            kpos = torch.cat([torch.arange(c.start, c.stop, device=q.device) for c in kcs])
-            pad = None if masks is None else _select(masks[src], kcs, 1)
-            for t0, t1 in _tiles(setup, qc, sel.shape[2]):
-                m = _seen(kpos, qc, t1, partial)
-                if m == 0:
-                    continue
-                mask = _tile_mask(qc, t0, t1, kpos[:m], partial, None if pad is None else pad[:, :m], G)
-                o, ell = partial_attention(
-                    _rows(qg, qc, t0, t1), sel[:, :, :m, :D], sel[:, :, :m, D:], scale=setup.scale, mask=mask
-                )
-                rows = slice(qc.local + t0, qc.local + t1)
-                o, ell = o.reshape(B, Hkv, G, t1 - t0, Dv), ell.reshape(B, Hkv, G, t1 - t0)
-                if qc.local in started:
-                    o, ell = merge_partials(out[:, :, :, rows], lse[:, :, :, rows], o, ell)
-                out[:, :, :, rows], lse[:, :, :, rows] = o, ell
-            started.add(qc.local)
+            del buf
+        keys, values = (k, v) if kv is None else (kv[..., :D], kv[..., D:])
+        _forward_step(setup, qg, keys, values, src, out, lse, started, masks)
+        del keys, values
         if pending is not None:
             kv = pending.wait()[0]
     return out, lse
@@ -150,6 +161,43 @@ def _tile_grads(qt, kt, vt, dot, lse_t, delta_t, mask, scale):
     return torch.matmul(ds, kt).mul_(scale), torch.matmul(ds.transpose(-1, -2), qt).mul_(scale), dv
 
 
+def _backward_step(setup: Setup, qg, do, lse, delta, keys, values, src: int, dq, masks) -> torch.Tensor:
+    """This rank's contribution to ``src``'s ``[dK, dV]`` (work dtype), adding to ``dq`` in place."""
+    B, Hkv, G, _, D = qg.shape
+    work = setup.work_dtype
+    dkv = torch.zeros(B, Hkv, keys.shape[2], D + values.shape[-1], dtype=work, device=qg.device)
+    for qc, kcs, partial in _step_plan(setup, src):
+        ks = _select(keys, kcs, 2).to(work)
+        vs = _select(values, kcs, 2).to(work)
+        kpos = torch.cat([torch.arange(c.start, c.stop, device=qg.device) for c in kcs])
+        pad = None if masks is None else _select(masks[src], kcs, 1)
+        dsel = torch.zeros(B, Hkv, ks.shape[2], dkv.shape[-1], dtype=work, device=qg.device)
+        for t0, t1 in _tiles(setup, qc, ks.shape[2]):
+            m = _seen(kpos, qc, t1, partial)
+            if m == 0:
+                continue
+            mask = _tile_mask(qc, t0, t1, kpos[:m], partial, None if pad is None else pad[:, :m], G)
+            rows = slice(qc.local + t0, qc.local + t1)
+            dqt, dkt, dvt = _tile_grads(
+                _rows(qg, qc, t0, t1),
+                ks[:, :, :m],
+                vs[:, :, :m],
+                _rows(do, qc, t0, t1),
+                lse[:, :, :, rows].reshape(B, Hkv, -1),
+                delta[:, :, :, rows].reshape(B, Hkv, -1),
+                mask,
+                setup.scale,
+            )
+            dq[:, :, :, rows] += dqt.reshape(B, Hkv, G, t1 - t0, D)
+            dsel[:, :, :m, :D] += dkt
+            dsel[:, :, :m, D:] += dvt
+        at = 0
+        for c in kcs:
+            dkv[:, :, c.local : c.local + c.length] += dsel[:, :, at : at + c.length]
+            at += c.length
+    return dkv
+
+
 def _backward(setup: Setup, q, k, v, out, lse, dout, masks):
     g, lay = setup.g, setup.layout
     B, H, n, D = q.shape
@@ -161,54 +209,29 @@ def _backward(setup: Setup, q, k, v, out, lse, dout, masks):
     delta = (do * out).sum(-1)
     lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
     dq = torch.zeros_like(qg)
+    if g.world == 1:
+        dkv = _backward_step(setup, qg, do, lse, delta, k, v, g.rank, dq, masks)
+        return dq.reshape(B, H, n, D), dkv[..., :D], dkv[..., D:]
     kv = torch.cat([k, v], dim=-1).contiguous()
     nxt, prv = (g.rank + 1) % g.world, (g.rank - 1) % g.world
     acc_pending = None
-    dkv = None
     for t in range(g.world):
         src = (g.rank - t) % g.world
         kv_pending = None
         if t < g.world - 1:
             buf = kv.new_empty(B, Hkv, lay.lengths[(src - 1) % g.world], D + Dv)
             kv_pending = comm.post(g, [(nxt, kv)], [(prv, buf)], tag=3)
-        dkv = torch.zeros(B, Hkv, kv.shape[2], D + Dv, dtype=work, device=q.device)
-        for qc, kcs, partial in _step_plan(setup, src):
-            sel = _select(kv, kcs, 2).to(work)
-            kpos = torch.cat([torch.arange(c.start, c.stop, device=q.device) for c in kcs])
-            pad = None if masks is None else _select(masks[src], kcs, 1)
-            dsel = torch.zeros_like(sel)
-            for t0, t1 in _tiles(setup, qc, sel.shape[2]):
-                m = _seen(kpos, qc, t1, partial)
-                if m == 0:
-                    continue
-                mask = _tile_mask(qc, t0, t1, kpos[:m], partial, None if pad is None else pad[:, :m], G)
-                rows = slice(qc.local + t0, qc.local + t1)
-                dqt, dkt, dvt = _tile_grads(
-                    _rows(qg, qc, t0, t1),
-                    sel[:, :, :m, :D],
-                    sel[:, :, :m, D:],
-                    _rows(do, qc, t0, t1),
-                    lse[:, :, :, rows].reshape(B, Hkv, -1),
-                    delta[:, :, :, rows].reshape(B, Hkv, -1),
-                    mask,
-                    setup.scale,
-                )
-                dq[:, :, :, rows] += dqt.reshape(B, Hkv, G, t1 - t0, D)
-                dsel[:, :, :m, :D] += dkt
-                dsel[:, :, :m, D:] += dvt
-            at = 0
-            for c in kcs:
-                dkv[:, :, c.local : c.local + c.length] += dsel[:, :, at : at + c.length]
-                at += c.length
+            del buf
+        dkv = _backward_step(setup, qg, do, lse, delta, kv[..., :D], kv[..., D:], src, dq, masks)
         if acc_pending is not None:
             dkv += acc_pending.wait()[0]  # what the ranks before added for this block
-        if g.world > 1:
-            buf = dkv.new_empty(B, Hkv, lay.lengths[(src - 1) % g.world], D + Dv)
-            acc_pending = comm.post(g, [(nxt, dkv)], [(prv, buf)], tag=4)
+        buf = dkv.new_empty(B, Hkv, lay.lengths[(src - 1) % g.world], D + Dv)
+        acc_pending = comm.post(g, [(nxt, dkv)], [(prv, buf)], tag=4)
+        del dkv, buf
         if kv_pending is not None:
             kv = kv_pending.wait()[0]
-    mine = acc_pending.wait()[0] if acc_pending is not None else dkv
-    assert mine is not None
+    assert acc_pending is not None
+    mine = acc_pending.wait()[0]  # after W steps this rank's own block's sum has come home
     return dq.reshape(B, H, n, D), mine[..., :D], mine[..., D:]
 
 
