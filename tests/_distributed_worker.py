@@ -216,6 +216,7 @@ TRAFFIC = (
     ("ring-causal-zigzag", "full", {}, "ring", True, "zigzag"),
     ("halo", "sliding_window", {"window": 3}, "halo", False, "contiguous"),
     ("halo-causal", "sliding_window", {"window": 5}, "halo", True, "contiguous"),
+    ("halo-zigzag", "sliding_window", {"window": 4}, "halo", False, "zigzag"),
     ("scan", "linear", {}, "scan", False, "contiguous"),
     ("scan-causal-zigzag", "linear", {}, "scan", True, "zigzag"),
     ("allgather", "full", {}, "allgather", False, "contiguous"),

@@ -144,9 +144,12 @@ def formula_bytes(variant: dict[str, Any], cfg: dict[str, Any], world: int) -> d
         fwd = bwd = (W - 1) * kv
     elif strat == "halo":
         w = min(variant["params"].get("window", 256), N)
-        # Every boundary between ranks moves min(w, ...) keys one way (causal) or both ways.
-        per_boundary = min(w, n) * B * Hkv * (D + Dv) * s * (1 if cfg["causal"] else 2)
-        fwd = bwd = (W - 1) * per_boundary / W
+        # Every boundary between chunks of different ranks moves min(w, chunk) keys one way
+        # (causal) or both ways: W − 1 boundaries contiguous, 2(W − 1) zigzag.
+        zigzag = cfg["layout"] == "zigzag"
+        chunk = n / 2 if zigzag else n
+        per_boundary = min(w, chunk) * B * Hkv * (D + Dv) * s * (1 if cfg["causal"] else 2)
+        fwd = bwd = (W - 1) * (2 if zigzag else 1) * per_boundary / W
     elif strat == "scan":
         M = (
             D
