@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,6 +30,8 @@ class Param:
     """One variant parameter: its default, its meaning, and a check of its value.
 
     ``check(value) -> str | None`` returns a description of what is wrong (``None`` when valid).
+    Checks are module-level callables (such as :class:`IntRange`, :class:`OneOf`), so that specs,
+    built modules and the layers holding them pickle (``torch.save``, spawned workers).
     """
 
     name: str
@@ -37,6 +40,9 @@ class Param:
     check: Callable[[Any], str | None] | None = None
 
     def validate(self, value: Any) -> Any:
+        # Values read through numpy (np.int64, np.float32, np.bool_) count as the Python scalar.
+        if isinstance(value, np.generic):
+            value = value.item()
         if self.check is not None:
             problem = self.check(value)
             if problem:
@@ -44,22 +50,60 @@ class Param:
         return value
 
 
-def int_at_least(low: int) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        if isinstance(value, bool) or not isinstance(value, int):
-            return f"expected an int >= {low}, got {type(value).__name__}"
-        if value < low:
-            return f"expected an int >= {low}"
+@dataclass(frozen=True)
+class IntRange:
+    """Param check: an int (not a bool) with ``low <= value`` (and ``value <= high`` when given)."""
+
+    low: int
+    high: int | None = None
+
+    def __call__(self, value: Any) -> str | None:
+        expected = f"an int >= {self.low}" if self.high is None else f"an int in [{self.low}, {self.high}]"
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            return f"expected {expected}, got {type(value).__name__}"
+        if value < self.low or (self.high is not None and value > self.high):
+            return f"expected {expected}"
         return None
 
-    return check
+    def __repr__(self) -> str:
+        return f"int_at_least({self.low})" if self.high is None else f"int_in_range({self.low}, {self.high})"
 
 
-def one_of(*choices: Any) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        return None if value in choices else f"expected one of {', '.join(map(repr, choices))}"
+def int_at_least(low: int) -> IntRange:
+    """Check: an int ``>= low``."""
+    return IntRange(low)
 
-    return check
+
+def int_in_range(low: int, high: int) -> IntRange:
+    """Check: an int in ``[low, high]``."""
+    return IntRange(low, high)
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """Param check: one of ``choices``."""
+
+    choices: tuple[Any, ...]
+
+    def __call__(self, value: Any) -> str | None:
+        return None if value in self.choices else f"expected one of {', '.join(map(repr, self.choices))}"
+
+    def __repr__(self) -> str:
+        return f"one_of({', '.join(map(repr, self.choices))})"
+
+
+def one_of(*choices: Any) -> OneOf:
+    """Check: one of ``choices``."""
+    return OneOf(choices)
+
+
+def is_bool(value: Any) -> str | None:
+    """Check: ``True`` or ``False``."""
+    return None if isinstance(value, bool) else f"expected True or False, got {type(value).__name__}"
+
+
+#: Seeds go to ``torch.Generator.manual_seed``, which takes 64-bit values.
+SEED_RANGE = IntRange(0, 2**64 - 1)
 
 
 @dataclass(frozen=True)
@@ -255,17 +299,21 @@ def _params_from_signature(fn: Callable, skip_first: int) -> dict[str, Param]:
     return out
 
 
-def _wrap_user_function(fn: Callable, accepts_weights: bool) -> Callable:
-    def run(q, k, v, *, causal, key_padding_mask, scale, return_weights, **params):
+@dataclass(frozen=True)
+class UserFunction:
+    """A user's variant function in the ``Impl.fn`` calling convention (a class, so that it pickles)."""
+
+    fn: Callable
+    accepts_weights: bool
+
+    def __call__(self, q, k, v, *, causal, key_padding_mask, scale, return_weights, **params):
         kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale, **params)
-        if accepts_weights:
-            result = fn(q, k, v, return_weights=return_weights, **kwargs)
+        if self.accepts_weights:
+            result = self.fn(q, k, v, return_weights=return_weights, **kwargs)
             if return_weights:
                 return result
             return result, None
-        return fn(q, k, v, **kwargs), None
-
-    return run
+        return self.fn(q, k, v, **kwargs), None
 
 
 def register_variant(
@@ -305,7 +353,7 @@ def register_variant(
             found = _params_from_signature(obj, skip_first=3)
             accepts_weights = "return_weights" in inspect.signature(obj).parameters
             module = None
-            impls = {"user": Impl(_wrap_user_function(obj, accepts_weights), grouped_query=False)}
+            impls = {"user": Impl(UserFunction(obj, accepts_weights), grouped_query=False)}
         else:
             raise TypeError(f"register_variant expects a function or an nn.Module subclass, got {type(obj).__name__}")
         if params:

@@ -32,13 +32,14 @@ output is returned in the input dtype.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from ..feature_maps import FeatureContext, FeatureMap, check_feature_map, get_feature_map
 from ..inputs import full_visibility, repeat_kv
-from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least
+from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least, is_bool
 
 #: Floats of per-group workspace (features, scores, per-chunk states) the causal path aims at
 #: without autograd (small groups stay in cache), and with it (fewer, larger autograd nodes
@@ -375,17 +376,10 @@ def _params(feature_map: bool) -> dict[str, Param]:
             "redraw",
             False,
             "favor: draw a fresh projection on every call that builds a graph (training)",
-            lambda x: None if isinstance(x, bool) else f"expected True or False, got {type(x).__name__}",
+            is_bool,
         ),
     )
     return out
-
-
-def _as_performer(fn):
-    def run(q, k, v, **kw):
-        return fn(q, k, v, feature_map="favor", **kw)
-
-    return run
 
 
 add(
@@ -408,6 +402,9 @@ add(
         cost="O(N·M·Dv) (causal: O(N·(C·M + M·Dv)))",
         params=_params(feature_map=False),
         supports=Supports(),
-        impls={"torch": Impl(_as_performer(linear_chunked)), "math": Impl(_as_performer(linear_reference))},
+        impls={
+            "torch": Impl(partial(linear_chunked, feature_map="favor")),
+            "math": Impl(partial(linear_reference, feature_map="favor")),
+        },
     )
 )
