@@ -7,6 +7,7 @@ and runs the variant); nothing here knows about any one backend or variant.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping
 from typing import Any, Literal, overload
@@ -109,7 +110,9 @@ class AttentionModule(nn.Module):
 
     def __init__(self, config: AttentionConfig):
         super().__init__()
-        self.config = config
+        # A copy: the caller may keep and change its config; this module must not change with it.
+        self.config = copy.deepcopy(config)
+        config = self.config
         self.spec = registry.get(config.variant)
         self.params = self.spec.resolve_params(config.params)
         dispatch.check_backend(self.spec, config.backend)
@@ -146,7 +149,8 @@ def build(config: AttentionConfig | Mapping[str, Any] | str | os.PathLike) -> At
     ``config`` is a flat mapping such as ``{"variant": "sliding_window", "window": 256,
     "causal": True}`` (keys ``variant``, ``causal``, ``scale``, ``backend`` plus the variant's
     parameters), an :class:`AttentionConfig`, or a path to a ``.json``/``.yaml``/``.yml``/
-    ``.toml`` file holding that mapping. Everything is validated here, before any forward.
+    ``.toml`` file holding that mapping. Everything is validated here, before any forward. The
+    module keeps its own copy of the config: changing the caller's afterwards changes nothing.
     """
     return AttentionModule(to_config(config))
 

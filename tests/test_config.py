@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from _reference import softmax_attention, visible
+from _reference import pattern_attention, softmax_attention, visible
 
 import sparse_linear_attn as sla
 
@@ -106,3 +106,18 @@ def test_bad_config_values(cfg, match):
         sla.build(cfg)
     with pytest.raises(TypeError):
         sla.build(42)
+
+
+def test_build_keeps_its_own_copy_of_the_config():
+    cfg = sla.AttentionConfig("sliding_window", causal=False, params={"window": 2})
+    layer = sla.build(cfg)
+    before = repr(layer)
+    cfg.causal = True
+    cfg.params["window"] = 100
+    cfg.backend = "math"
+    assert repr(layer) == before and "window=2" in before and "causal=False" in before
+    assert layer.config == sla.AttentionConfig("sliding_window", params={"window": 2})
+    q, k, v = qkv()
+    band = (torch.arange(10)[:, None] - torch.arange(10)[None, :]).abs() <= 2
+    ref, _ = pattern_attention(q, k, v, band, scale=8**-0.5)
+    torch.testing.assert_close(layer(q, k, v).double(), ref, rtol=1e-5, atol=1e-6)
