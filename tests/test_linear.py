@@ -322,3 +322,22 @@ def test_build_and_describe():
     info = sla.describe("linear")
     assert info.params["feature_map"][0] == "elu" and info.params["chunk_size"][0] == 64
     assert not info.exact and info.backends == ("torch", "math")
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("variant", ["linear", "performer"])
+def test_chunk_size_beyond_the_sequence_is_clamped(variant, grad):
+    # chunk_size=10**6 at N=100 once built a C×C causal block (a terabyte); it must cost what C=N does.
+    from _trace import LargestTensor
+
+    q, k, v = make(b=1, h=2, hkv=2, nq=100, nk=100, d=8, dv=8)
+    kw = dict(causal=True, backend="torch", **({"num_features": 16} if variant == "performer" else {}))
+    ref = reference(q, k, v, "elu" if variant == "linear" else "favor", causal=True, num_features=16)[0]
+    for t in (q, k, v):
+        t.requires_grad_(grad)
+    with torch.set_grad_enabled(grad), LargestTensor() as mode:
+        out = sla.attention(q, k, v, variant, chunk_size=10**6, **kw)
+        if grad:
+            out.sum().backward()
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-9, atol=1e-10)
+    assert mode.largest <= 2 * 100 * 100 * 8, mode.largest  # never more than an N×N per head pair

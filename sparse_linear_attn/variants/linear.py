@@ -211,7 +211,8 @@ def linear_chunked(
     lead = max(0, -off)
     N = Nq - lead  # queries that see something; also the keys left after the prefix
     k0 = max(0, off)
-    C = chunk_size
+    # A chunk longer than the sequence only adds padding (a C×C block per chunk): clamp it.
+    C = max(1, min(chunk_size, N))
     if not grad:
         out = q.new_empty(B, H, Nq, Dv)
         if lead:
@@ -371,7 +372,9 @@ def _params(feature_map: bool) -> dict[str, Param]:
     out.update(
         num_features=Param("num_features", 256, "M, random features of favor (ignored by the others)", int_at_least(1)),
         seed=Param("seed", 0, "seed of favor's random projection (same seed, same features)", int_at_least(0)),
-        chunk_size=Param("chunk_size", 64, "C, positions per chunk of the causal chunkwise form", int_at_least(1)),
+        chunk_size=Param(
+            "chunk_size", 64, "C, positions per chunk of the causal chunkwise form (at most N)", int_at_least(1)
+        ),
         redraw=Param(
             "redraw",
             False,
