@@ -116,6 +116,8 @@ class AttentionModule(nn.Module):
         self.spec = registry.get(config.variant)
         self.params = self.spec.resolve_params(config.params)
         dispatch.check_backend(self.spec, config.backend)
+        if config.scale is not None:
+            self.spec.validate_scale(config.scale, self.params)
         self.impl = self.spec.module(**self.params) if self.spec.module is not None else None
 
     def scale_for(self, head_dim: int) -> float:

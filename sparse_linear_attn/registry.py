@@ -157,6 +157,8 @@ class VariantSpec:
     visible_keys: Callable[..., float] | None = None
     # Cross-parameter checks that need more than one value: (params) -> reason | None.
     check_params: Callable[[Mapping[str, Any]], str | None] | None = None
+    # Which values of ``scale`` the variant can run with: (scale, params) -> reason | None.
+    check_scale: Callable[[float, Mapping[str, Any]], str | None] | None = None
     # Parameter sets, sized for short test sequences (N ≈ 16–40), that the conformance suite
     # (sla.testing) runs besides the defaults: the settings that exercise the variant's pattern.
     examples: tuple[Mapping[str, Any], ...] = ()
@@ -170,13 +172,23 @@ class VariantSpec:
     def build_only(self) -> bool:
         return self.module is not None
 
-    def resolve_scale(self, scale: Any, head_dim: int) -> float:
+    def resolve_scale(self, scale: Any, head_dim: int, params: Mapping[str, Any] | None = None) -> float:
         """The ``scale`` a call runs with: the given finite number, else the variant's default
-        (``default_scale``, or ``1/√head_dim``)."""
+        (``default_scale``, or ``1/√head_dim``). With ``params`` (resolved), also checked against
+        what the variant accepts (:meth:`validate_scale`)."""
         checked = check_scale(scale)
-        if checked is not None:
-            return checked
-        return self.default_scale if self.default_scale is not None else 1.0 / math.sqrt(head_dim)
+        if checked is None:
+            checked = self.default_scale if self.default_scale is not None else 1.0 / math.sqrt(head_dim)
+        if params is not None:
+            self.validate_scale(checked, params)
+        return checked
+
+    def validate_scale(self, scale: float, params: Mapping[str, Any]) -> None:
+        """Raise if the variant cannot run with this ``scale`` (e.g. a feature map taking its root)."""
+        if self.check_scale is not None:
+            problem = self.check_scale(scale, params)
+            if problem:
+                raise ParameterError(f"variant {self.name!r} cannot run with scale={scale!r}: {problem}")
 
     def resolve_params(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Fill defaults, reject unknown names (listing the accepted ones), validate values."""

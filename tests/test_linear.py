@@ -341,3 +341,17 @@ def test_chunk_size_beyond_the_sequence_is_clamped(variant, grad):
             out.sum().backward()
     torch.testing.assert_close(out.detach(), ref, rtol=1e-9, atol=1e-10)
     assert mode.largest <= 2 * 100 * 100 * 8, mode.largest  # never more than an N×N per head pair
+
+
+@pytest.mark.parametrize(
+    "variant,params", [("performer", {}), ("linear", {"feature_map": "favor"}), ("linear", {"feature_map": "taylor"})]
+)
+def test_negative_scale_with_a_root_taking_feature_map_is_refused_up_front(variant, params):
+    q, k, v = make(nq=8, nk=8)
+    with pytest.raises(ParameterError, match=r"scale=-1.0.*scale >= 0"):
+        sla.build({"variant": variant, "scale": -1.0, **params})
+    with pytest.raises(ParameterError, match=r"scale=-1.0.*scale >= 0"):
+        sla.attention(q, k, v, variant, scale=-1.0, **params)
+    # Maps that do not scale their input take any scale; zero is allowed for every map.
+    sla.attention(q, k, v, "linear", scale=-1.0, feature_map="elu")
+    sla.attention(q, k, v, variant, scale=0.0, **params)

@@ -198,7 +198,7 @@ def prepare(
         spec=spec,
         params=params,
         call=call,
-        scale=spec.resolve_scale(scale, q.shape[-1]),
+        scale=spec.resolve_scale(scale, q.shape[-1], params),
         causal=causal,
         key_padding_mask=key_padding_mask,
         return_weights=return_weights,

@@ -360,6 +360,11 @@ def _causal_inference(feats: _Features, qg, k, v, state, out, C: int, k0: int) -
 # Registration.
 
 
+def _check_scale(scale: float, params) -> str | None:
+    """Maps that take ``scale``'s root (favor, taylor) need it non-negative; performer is favor."""
+    return get_feature_map(params.get("feature_map", "favor")).check_scale(scale)
+
+
 def _params(feature_map: bool) -> dict[str, Param]:
     out = {}
     if feature_map:
@@ -394,6 +399,7 @@ add(
         params=_params(feature_map=True),
         supports=Supports(),
         impls={"torch": Impl(linear_chunked), "math": Impl(linear_reference)},
+        check_scale=_check_scale,
     )
 )
 
@@ -409,5 +415,6 @@ add(
             "torch": Impl(partial(linear_chunked, feature_map="favor")),
             "math": Impl(partial(linear_reference, feature_map="favor")),
         },
+        check_scale=_check_scale,
     )
 )
