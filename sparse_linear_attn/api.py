@@ -18,7 +18,7 @@ from torch import nn
 from . import registry
 from .backends import dispatch
 from .config import AttentionConfig, to_config
-from .inputs import full_visibility
+from .inputs import check_flag, full_visibility
 
 
 @overload
@@ -163,6 +163,7 @@ def dense_mask(variant: str, nq: int, nk: int, *, causal: bool = False, **params
     True where query ``i`` may attend to key ``j``. O(nq·nk): for inspection, tests and plots.
     """
     spec = registry.get(variant)
+    causal = check_flag("causal", causal)
     for name, n in (("nq", nq), ("nk", nk)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"{name} must be a positive int, got {n!r}")

@@ -40,6 +40,12 @@ class AttentionConfig:
         self.scale = check_scale(self.scale, "config 'scale'")
         if not isinstance(self.backend, str):
             raise ParameterError(f"config 'backend' must be a string, got {self.backend!r}")
+        if not isinstance(self.params, Mapping):
+            raise ParameterError(f"config 'params' must be a mapping of parameter names to values, got {self.params!r}")
+        bad = [k for k in self.params if not isinstance(k, str)]
+        if bad:
+            raise ParameterError(f"variant parameter names must be strings, got {', '.join(map(repr, bad))}")
+        self.params = dict(self.params)
         clash = [k for k in self.params if k in COMMON_KEYS]
         if clash:
             raise ParameterError(f"{clash} are common config keys, not variant parameters")
@@ -48,6 +54,12 @@ class AttentionConfig:
     def from_mapping(cls, mapping: Mapping[str, Any]) -> AttentionConfig:
         if not isinstance(mapping, Mapping):
             raise ParameterError(f"an attention config must be a mapping, got {type(mapping).__name__}")
+        bad = [k for k in mapping if not isinstance(k, str)]
+        if bad:
+            raise ParameterError(
+                f"attention config keys must be strings (variant, causal, scale, backend or a parameter "
+                f"name), got {', '.join(f'{k!r} ({type(k).__name__})' for k in bad)}"
+            )
         m = dict(mapping)
         if "params" in m and isinstance(m["params"], Mapping):
             # Also accept the nested form that to_dict(flat=False) writes.

@@ -90,6 +90,8 @@ def check_inputs(
         raise ShapeError(f"query heads {H} are not a multiple of key/value heads {Hkv}: {got}; {expected}")
     if Dk != D:
         raise ShapeError(f"q and k head_dim differ: {got}; {expected}")
+    if D == 0:
+        raise ShapeError(f"q and k need a head_dim of at least 1 (their dot product is the score): {got}")
     if Nv != Nk:
         raise ShapeError(f"k and v sequence lengths differ: {got}; {expected}")
     if key_padding_mask is not None:

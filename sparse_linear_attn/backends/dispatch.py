@@ -290,7 +290,7 @@ def run(p: Prepared, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, modul
     Returns ``out`` ``(B, H, Nq, Dv)``, or ``(out, weights)`` when ``p.return_weights``.
     ``module`` is the ``nn.Module`` instance of a module variant.
     """
-    if q.numel() == 0 or k.shape[2] == 0:
+    if q.numel() == 0 or k.shape[2] == 0 or (v.shape[-1] == 0 and not p.return_weights):
         return empty_result(q, k, v, p.return_weights)
     if p.spec.module is not None and module is None:
         raise ParameterError(f"variant {p.spec.name!r} is an nn.Module variant: build it with sla.build(config)")

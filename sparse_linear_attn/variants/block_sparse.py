@@ -40,7 +40,7 @@ from ..backends.tiles import tile_attention, use_bmm_tiles
 from ..errors import ParameterError, unknown_name_message
 from ..inputs import causal_offset, full_visibility
 from ..patterns import PATTERNS, shared_pattern_layout
-from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least
+from ..registry import SEED_RANGE, Impl, Param, Supports, VariantSpec, add, int_at_least
 
 #: Elements of the gathered key (and value) tiles built at once, on CPU without autograd. Small
 #: on purpose: a group's copies should stay in cache and under glibc's mmap threshold (32 MiB),
@@ -549,7 +549,7 @@ add(
                 "num_random_blocks", 2, "bigbird: random key blocks per query block", int_at_least(0)
             ),
             "stride": Param("stride", 4, "strided: local width and stride, in blocks", int_at_least(1)),
-            "seed": Param("seed", 0, "bigbird: seed of the random blocks", int_at_least(0)),
+            "seed": Param("seed", 0, "bigbird: seed of the random blocks", SEED_RANGE),
         },
         supports=Supports(),
         impls={

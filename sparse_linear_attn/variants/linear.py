@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ..feature_maps import FeatureContext, FeatureMap, check_feature_map, get_feature_map
 from ..inputs import full_visibility, repeat_kv
-from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least, is_bool
+from ..registry import SEED_RANGE, Impl, Param, Supports, VariantSpec, add, int_at_least, is_bool
 
 #: Floats of per-group workspace (features, scores, per-chunk states) the causal path aims at
 #: without autograd (small groups stay in cache), and with it (fewer, larger autograd nodes
@@ -376,7 +376,7 @@ def _params(feature_map: bool) -> dict[str, Param]:
         )
     out.update(
         num_features=Param("num_features", 256, "M, random features of favor (ignored by the others)", int_at_least(1)),
-        seed=Param("seed", 0, "seed of favor's random projection (same seed, same features)", int_at_least(0)),
+        seed=Param("seed", 0, "seed of favor's random projection (same seed, same features)", SEED_RANGE),
         chunk_size=Param(
             "chunk_size", 64, "C, positions per chunk of the causal chunkwise form (at most N)", int_at_least(1)
         ),
