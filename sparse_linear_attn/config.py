@@ -14,6 +14,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,14 @@ class AttentionConfig:
             )
         m = dict(mapping)
         if "params" in m and isinstance(m["params"], Mapping):
-            # Also accept the nested form that to_dict(flat=False) writes.
-            m.update(m.pop("params"))
+            # Also accept the nested form {"variant": ..., "params": {...}} (the dataclass's shape).
+            nested = m.pop("params")
+            both = [k for k in nested if k in m]
+            if both:
+                raise ParameterError(
+                    f"{', '.join(map(repr, both))} is given both at the top level and under 'params'; give it once"
+                )
+            m.update(nested)
         common = {k: m.pop(k) for k in COMMON_KEYS if k in m}
         return cls(**common, params=m)
 
@@ -76,20 +83,65 @@ class AttentionConfig:
         return out
 
 
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json`` object hook: a key given twice is an error (JSON would silently keep the last)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+@cache
+def _yaml_loader() -> type:
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML keeps the last)."""
+    import yaml
+
+    class UniqueKeySafeLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # '<<' merges are overridden by explicit keys on purpose
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # unhashable: the base class reports it
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeySafeLoader
+
+
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a ``.json``, ``.yaml``/``.yml`` or ``.toml`` file into a mapping (YAML: safe loader)."""
+    """Read a ``.json``, ``.yaml``/``.yml`` or ``.toml`` file into a mapping (YAML: safe loader).
+
+    The file is UTF-8 (a byte-order mark is allowed); a key given twice in one mapping and a
+    file without any key are errors in every format, as TOML makes the first one by itself.
+    """
     p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(
+            f"attention config path {str(p)!r} is a directory; expected a .json, .yaml, .yml or .toml file"
+        )
     if not p.is_file():
         raise FileNotFoundError(f"attention config file {str(p)!r} does not exist")
     suffix = p.suffix.lower()
-    text = p.read_text(encoding="utf-8")
+    if suffix not in (".json", ".yaml", ".yml", ".toml"):
+        raise ValueError(f"attention config file {str(p)!r} has suffix {suffix!r}; accepted: .json, .yaml, .yml, .toml")
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"attention config file {str(p)!r} is not valid UTF-8 text: {e}") from None
     try:
         if suffix == ".json":
-            data = json.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = json.loads(text, object_pairs_hook=_unique_pairs)
         elif suffix == ".toml":
             try:
                 import tomllib
@@ -97,19 +149,17 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
                 import tomli as tomllib
             data = tomllib.loads(text)
         else:
-            raise ValueError(
-                f"attention config file {str(p)!r} has suffix {suffix!r}; accepted: .json, .yaml, .yml, .toml"
-            )
-    except ValueError as e:
-        if "has suffix" in str(e):
-            raise
-        raise ValueError(f"could not parse attention config file {str(p)!r}: {e}") from e
-    except Exception as e:  # yaml.YAMLError is not a ValueError
+            import yaml
+
+            data = yaml.load(text, Loader=_yaml_loader())  # a SafeLoader subclass
+    except Exception as e:  # json/toml raise ValueErrors, yaml.YAMLError is not one
         raise ValueError(f"could not parse attention config file {str(p)!r}: {e}") from e
     if not isinstance(data, Mapping):
         raise ValueError(
             f"attention config file {str(p)!r} must hold a mapping of keys to values, got {type(data).__name__}"
         )
+    if not data:
+        raise ValueError(f"attention config file {str(p)!r} holds no keys; expected at least 'variant'")
     return dict(data)
 
 
