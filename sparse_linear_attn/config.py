@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -143,9 +144,9 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         if suffix == ".json":
             data = json.loads(text, object_pairs_hook=_unique_pairs)
         elif suffix == ".toml":
-            try:
+            if sys.version_info >= (3, 11):
                 import tomllib
-            except ModuleNotFoundError:  # Python 3.10
+            else:
                 import tomli as tomllib
             data = tomllib.loads(text)
         else:
