@@ -33,6 +33,7 @@ def attention(
     scale: float | None = ...,
     return_weights: Literal[False] = ...,
     backend: str = ...,
+    dropout_p: float = ...,
     **params: Any,
 ) -> torch.Tensor: ...
 @overload
@@ -47,6 +48,7 @@ def attention(
     scale: float | None = ...,
     return_weights: Literal[True],
     backend: str = ...,
+    dropout_p: float = ...,
     **params: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 def attention(
@@ -60,6 +62,7 @@ def attention(
     scale: float | None = None,
     return_weights: bool = False,
     backend: str = "auto",
+    dropout_p: float = 0.0,
     **params: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over ``k``/``v`` with the named variant.
@@ -77,6 +80,11 @@ def attention(
         return_weights: also return the ``(B, H, Nq, Nk)`` attention matrix — O(Nq·Nk) memory,
             meant for inspection.
         backend: ``"auto"`` or a backend name (see ``sla.backends.BACKENDS``).
+        dropout_p: attention dropout, as in ``F.scaled_dot_product_attention``: each softmax
+            weight is dropped with this probability and the rest scaled by ``1/(1 − p)``, on
+            every call (modules apply it in training only). Variants with
+            ``sla.describe(variant).dropout``; the mask is a hash of the position and a seed
+            drawn from torch's generator, so ``torch.manual_seed`` reproduces it.
         **params: the variant's own parameters (``sla.describe(variant).params``).
 
     Returns:
@@ -95,7 +103,7 @@ def attention(
         module = module.to(q.device)
     prepared = dispatch.prepare(
         spec, q, k, v, params=resolved, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-        return_weights=return_weights, backend=backend,
+        return_weights=return_weights, backend=backend, dropout_p=dropout_p,
     )  # fmt: skip
     return dispatch.run(prepared, q, k, v, module=module)
 
@@ -103,9 +111,10 @@ def attention(
 class AttentionModule(nn.Module):
     """An attention variant as an ``nn.Module`` (what ``sla.build`` returns).
 
-    ``forward(q, k, v, *, key_padding_mask=None, return_weights=False, causal=None)`` behaves as
-    ``sla.attention(q, k, v, **config)``; ``causal=None`` uses the config's. Variants with
-    learned parameters hold them in ``self.impl``.
+    ``forward(q, k, v, *, key_padding_mask=None, return_weights=False, causal=None,
+    dropout_p=None)`` behaves as ``sla.attention(q, k, v, **config)``; ``causal=None`` uses the
+    config's, ``dropout_p=None`` the config's ``dropout`` in training and 0 in eval (as
+    FlashAttention's modules do). Variants with learned parameters hold them in ``self.impl``.
     """
 
     def __init__(self, config: AttentionConfig):
@@ -116,6 +125,7 @@ class AttentionModule(nn.Module):
         self.spec = registry.get(config.variant)
         self.params = self.spec.resolve_params(config.params)
         dispatch.check_backend(self.spec, config.backend)
+        dispatch.check_dropout(self.spec, config.dropout, "config 'dropout'")
         if config.scale is not None:
             self.spec.validate_scale(config.scale, self.params)
         self.impl = self.spec.module(**self.params) if self.spec.module is not None else None
@@ -133,11 +143,15 @@ class AttentionModule(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         return_weights: bool = False,
         causal: bool | None = None,
+        dropout_p: float | None = None,
     ):
         c = self.config
+        if dropout_p is None:
+            dropout_p = c.dropout if self.training else 0.0
         prepared = dispatch.prepare(
             self.spec, q, k, v, params=self.params, causal=c.causal if causal is None else causal,
             key_padding_mask=key_padding_mask, scale=c.scale, return_weights=return_weights, backend=c.backend,
+            dropout_p=dropout_p,
         )  # fmt: skip
         return dispatch.run(prepared, q, k, v, module=self.impl)
 

@@ -4,8 +4,8 @@ A flat mapping is what users write in their model configs::
 
     {"variant": "sliding_window", "window": 256, "causal": true}
 
-Keys ``variant``, ``causal``, ``scale`` and ``backend`` are common to every variant; every
-other key is a parameter of the variant and is checked against its spec.
+Keys ``variant``, ``causal``, ``scale``, ``backend`` and ``dropout`` are common to every
+variant; every other key is a parameter of the variant and is checked against its spec.
 """
 
 from __future__ import annotations
@@ -20,20 +20,25 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ParameterError
-from .inputs import check_flag, check_scale
+from .inputs import check_flag, check_probability, check_scale
 
-COMMON_KEYS = ("variant", "causal", "scale", "backend")
+COMMON_KEYS = ("variant", "causal", "scale", "backend", "dropout")
 
 
 @dataclass
 class AttentionConfig:
-    """Which variant to run and how; ``params`` holds the variant's own parameters."""
+    """Which variant to run and how; ``params`` holds the variant's own parameters.
+
+    ``dropout`` is the attention dropout a built module applies in training (``dropout_p`` of
+    ``sla.attention``); 0 by default.
+    """
 
     variant: str = "full"
     causal: bool = False
     scale: float | None = None
     backend: str = "auto"
     params: dict[str, Any] = field(default_factory=dict)
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.variant, str):
@@ -42,6 +47,7 @@ class AttentionConfig:
         self.scale = check_scale(self.scale, "config 'scale'")
         if not isinstance(self.backend, str):
             raise ParameterError(f"config 'backend' must be a string, got {self.backend!r}")
+        self.dropout = check_probability("config 'dropout'", self.dropout)
         if not isinstance(self.params, Mapping):
             raise ParameterError(f"config 'params' must be a mapping of parameter names to values, got {self.params!r}")
         bad = [k for k in self.params if not isinstance(k, str)]
@@ -80,6 +86,8 @@ class AttentionConfig:
         out: dict[str, Any] = {"variant": self.variant, "causal": self.causal, "backend": self.backend}
         if self.scale is not None:
             out["scale"] = self.scale
+        if self.dropout:
+            out["dropout"] = self.dropout
         out.update(self.params)
         return out
 

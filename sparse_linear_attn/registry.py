@@ -108,13 +108,18 @@ SEED_RANGE = IntRange(0, 2**64 - 1)
 
 @dataclass(frozen=True)
 class Supports:
-    """What a variant can do. ``backends`` is filled from ``impls`` at registration."""
+    """What a variant can do. ``backends`` is filled from ``impls`` at registration.
+
+    ``dropout``: attention dropout (``dropout_p``) on its softmax weights; a variant opts in (and
+    gives its implementations that apply it ``Impl(dropout=True)``).
+    """
 
     causal: bool = True
     cross_attention: bool = True
     key_padding: bool = True
     weights: bool = True
     grouped_query: bool = True
+    dropout: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,12 +134,19 @@ class Impl:
     to the next backend (e.g. a compile that does not pay off at this size). ``call`` is an
     :class:`~sparse_linear_attn.inputs.Call`. While running, ``fn`` may raise
     :class:`~sparse_linear_attn.errors.CannotRun` to decline a call it turns out it cannot run.
+
+    ``dropout=True``: ``fn`` also takes ``dropout`` (``None`` or a
+    :class:`~sparse_linear_attn.backends.dropout.Dropout`) and applies it to its softmax weights;
+    other implementations never receive a call with dropout. ``double_backward=True`` promises
+    second-order gradients (``create_graph=True`` through its backward); fused kernels have none.
     """
 
     fn: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
     rules_out: Callable[[Any, Mapping[str, Any]], str | None] | None = None
     skip_in_auto: Callable[[Any, Mapping[str, Any]], str | None] | None = None
     grouped_query: bool = True
+    dropout: bool = False
+    double_backward: bool = False
 
 
 @dataclass
@@ -162,6 +174,8 @@ class VariantSpec:
     # Parameter sets, sized for short test sequences (N ≈ 16–40), that the conformance suite
     # (sla.testing) runs besides the defaults: the settings that exercise the variant's pattern.
     examples: tuple[Mapping[str, Any], ...] = ()
+    # What users should know that the flags do not say (shown by sla.describe).
+    notes: tuple[str, ...] = ()
     user_defined: bool = False
 
     @property
@@ -230,17 +244,33 @@ class VariantInfo:
     grouped_query: bool
     backends: tuple[str, ...]
     build_only: bool
+    dropout: bool = False
+    #: Backends whose backward is itself differentiable (second-order gradients, create_graph=True).
+    second_order: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         lines = [f"{self.name}: {self.summary}", f"  exact={self.exact}  cost={self.cost}"]
         flags = [
-            k for k in ("causal", "cross_attention", "key_padding", "weights", "grouped_query") if getattr(self, k)
+            k
+            for k in ("causal", "cross_attention", "key_padding", "weights", "grouped_query", "dropout")
+            if getattr(self, k)
         ]
         lines.append(f"  supports: {', '.join(flags)}; backends: {', '.join(self.backends)}")
         if self.build_only:
             lines.append(
                 "  nn.Module variant: use sla.build(config) (sla.attention runs it only without learned parameters)"
             )
+        without = [b for b in self.backends if b not in self.second_order]
+        if self.second_order and without:
+            lines.append(
+                f"  second-order gradients: backend={self.second_order[0]!r}"
+                + "".join(f" or {b!r}" for b in self.second_order[1:])
+                + f" ({', '.join(without)}: no double backward)"
+            )
+        elif without and not self.build_only:
+            lines.append("  second-order gradients: no backend promises them")
+        lines += [f"  note: {n}" for n in self.notes]
         for pname, (default, doc) in self.params.items():
             lines.append(f"  {pname}={default!r}: {doc}")
         return "\n".join(lines)
@@ -289,13 +319,16 @@ def describe(name: str) -> VariantInfo:
         grouped_query=s.grouped_query,
         backends=spec.backends,
         build_only=spec.build_only,
+        dropout=s.dropout,
+        second_order=tuple(b for b, impl in spec.impls.items() if impl.double_backward),
+        notes=spec.notes,
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # Registration of user variants.
 
-_STANDARD_ARGS = {"q", "k", "v", "causal", "key_padding_mask", "scale", "return_weights"}
+_STANDARD_ARGS = {"q", "k", "v", "causal", "key_padding_mask", "scale", "return_weights", "dropout_p"}
 
 
 def _params_from_signature(fn: Callable, skip_first: int) -> dict[str, Param]:
@@ -317,9 +350,12 @@ class UserFunction:
 
     fn: Callable
     accepts_weights: bool
+    accepts_dropout: bool = False
 
-    def __call__(self, q, k, v, *, causal, key_padding_mask, scale, return_weights, **params):
+    def __call__(self, q, k, v, *, causal, key_padding_mask, scale, return_weights, dropout=None, **params):
         kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale, **params)
+        if self.accepts_dropout:
+            kwargs["dropout_p"] = 0.0 if dropout is None else dropout.p
         if self.accepts_weights:
             result = self.fn(q, k, v, return_weights=return_weights, **kwargs)
             if return_weights:
@@ -348,7 +384,9 @@ def register_variant(
 
     or an ``nn.Module`` subclass whose constructor takes the variant's parameters and whose
     ``forward(q, k, v, *, causal, key_padding_mask, scale)`` returns the output. Module variants
-    with learned parameters run through ``sla.build`` only.
+    with learned parameters run through ``sla.build`` only. A function (or ``forward``) with a
+    ``dropout_p`` keyword supports attention dropout: it receives the probability (0.0 when off)
+    and draws its mask from torch's generator, as ``F.scaled_dot_product_attention`` does.
 
     Parameters are read from the keyword arguments of the function (or the constructor), with
     their defaults; ``params`` may give ``{name: (default, meaning)}`` to document them. The
@@ -364,8 +402,13 @@ def register_variant(
         elif callable(obj):
             found = _params_from_signature(obj, skip_first=3)
             accepts_weights = "return_weights" in inspect.signature(obj).parameters
+            accepts_dropout = "dropout_p" in inspect.signature(obj).parameters
             module = None
-            impls = {"user": Impl(UserFunction(obj, accepts_weights), grouped_query=False)}
+            impls = {
+                "user": Impl(
+                    UserFunction(obj, accepts_weights, accepts_dropout), grouped_query=False, dropout=accepts_dropout
+                )
+            }
         else:
             raise TypeError(f"register_variant expects a function or an nn.Module subclass, got {type(obj).__name__}")
         if params:
@@ -373,8 +416,8 @@ def register_variant(
                 found[pname] = Param(pname, default, doc)
         sup = supports
         if sup is None:
-            accepts_weights = module is None and "return_weights" in inspect.signature(obj).parameters
-            sup = Supports(weights=accepts_weights)
+            signature = inspect.signature(obj.forward if module is not None else obj).parameters
+            sup = Supports(weights=module is None and "return_weights" in signature, dropout="dropout_p" in signature)
         add(
             VariantSpec(
                 name=name,

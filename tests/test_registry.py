@@ -281,3 +281,24 @@ def test_flags_must_be_bools(value):
         sla.attention(q, k, v, causal=value)
     with pytest.raises(ValueError, match=r"causal must be True or False"):
         sla.dense_mask("sliding_window", 4, 4, causal=value, window=1)
+
+
+def test_second_order_gradients_where_describe_promises_them():
+    # describe(name).second_order lists the backends whose backward is differentiable; each
+    # promise is checked here on the CPU for every registered variant.
+    from sparse_linear_attn.backends.dispatch import BACKENDS
+
+    for name in sla.available_variants():
+        info = sla.describe(name)
+        for backend in info.second_order:
+            if BACKENDS[backend].devices is not None and "cpu" not in BACKENDS[backend].devices:
+                continue
+            q = torch.randn(1, 2, 12, 4, dtype=torch.float64, requires_grad=True)
+            out = sla.attention(q, q, q, name, causal=True, backend=backend)
+            (g,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+            (gg,) = torch.autograd.grad(g.pow(2).sum(), q)
+            assert torch.isfinite(gg).all(), (name, backend)
+    for name in ("full", "dot_product", "sliding_window", "block_sparse"):
+        info = sla.describe(name)
+        assert "math" in info.second_order and "torch" not in info.second_order
+        assert "second-order gradients: backend='math'" in str(info)

@@ -360,6 +360,14 @@ def _causal_inference(feats: _Features, qg, k, v, state, out, C: int, k0: int) -
 # Registration.
 
 
+#: Why linear attention takes no ``dropout_p`` (shown by ``sla.describe``).
+NO_DROPOUT = (
+    "no attention dropout: dropout drops softmax weights, and linear attention never forms its "
+    "weight matrix (it sums φ(K)ᵀV first, which is where its O(N) cost comes from), so there is no "
+    "weight to drop; regularise elsewhere (dropout on the layer's output or projections)"
+)
+
+
 def _check_scale(scale: float, params) -> str | None:
     """Maps that take ``scale``'s root (favor, taylor) need it non-negative; performer is favor."""
     return get_feature_map(params.get("feature_map", "favor")).check_scale(scale)
@@ -398,8 +406,12 @@ add(
         cost="O(N·M·Dv) (causal: O(N·(C·M + M·Dv)))",
         params=_params(feature_map=True),
         supports=Supports(),
-        impls={"torch": Impl(linear_chunked), "math": Impl(linear_reference)},
+        impls={
+            "torch": Impl(linear_chunked, double_backward=True),
+            "math": Impl(linear_reference, double_backward=True),
+        },
         check_scale=_check_scale,
+        notes=(NO_DROPOUT,),
     )
 )
 
@@ -412,9 +424,10 @@ add(
         params=_params(feature_map=False),
         supports=Supports(),
         impls={
-            "torch": Impl(partial(linear_chunked, feature_map="favor")),
-            "math": Impl(partial(linear_reference, feature_map="favor")),
+            "torch": Impl(partial(linear_chunked, feature_map="favor"), double_backward=True),
+            "math": Impl(partial(linear_reference, feature_map="favor"), double_backward=True),
         },
         check_scale=_check_scale,
+        notes=(NO_DROPOUT,),
     )
 )
