@@ -92,6 +92,15 @@ def test_keep_is_the_documented_hash():
                 assert bool(got[a, b]) == keep_reference(p, seed, int(rows[a]), int(cols[b])), (p, seed, a, b)
 
 
+def test_int64_hash_of_other_devices_gives_the_same_bits():
+    # Off the CPU, keep() hashes with torch int64 ops (split multiplications, no overflow); the
+    # CPU path uses numpy uint32. Both must be lowbias32 exactly.
+    from sparse_linear_attn.backends import dropout as dropout_module
+
+    x = torch.cat([torch.tensor([0, 1, M32, 2**31]), torch.randint(0, 2**32, (500,))])
+    assert [int(y) for y in dropout_module._mix32(x)] == [lowbias32(int(y)) for y in x]
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_keep_rate_and_independence(p):
     n_rows, n_cols = 2048, 512

@@ -26,11 +26,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .math import masked_softmax
 
 _M32 = 0xFFFFFFFF
+
+
+_LOWBIAS = (0x7FEB352D, 0x846CA68B)
 
 
 def _mul32(x, m: int):
@@ -41,12 +45,26 @@ def _mul32(x, m: int):
 
 
 def _mix32(x):
-    """lowbias32 (C. Wellons, hash-prospector): a bijection of 32-bit values with good avalanche."""
+    """lowbias32 (C. Wellons, hash-prospector) on int64 tensors or ints holding 32-bit values:
+    a bijection of 32-bit values with good avalanche."""
     x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
+    x = _mul32(x, _LOWBIAS[0])
     x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
+    x = _mul32(x, _LOWBIAS[1])
     return x ^ (x >> 16)
+
+
+def _mix32_numpy(x: np.ndarray) -> np.ndarray:
+    """:func:`_mix32` in place on a uint32 array, whose arithmetic wraps mod 2³² by definition.
+
+    The CPU path: torch's integer shifts and 64-bit multiplies are not vectorised there, and
+    cost ten times numpy's on the same array (docs/sparse.md)."""
+    x ^= x >> 16
+    x *= np.uint32(_LOWBIAS[0])
+    x ^= x >> 15
+    x *= np.uint32(_LOWBIAS[1])
+    x ^= x >> 16
+    return x
 
 
 def draw_seed() -> int:
@@ -70,10 +88,17 @@ class Dropout:
         """
         s_lo, s_hi = self.seed & _M32, (self.seed >> 32) & _M32
         rows = rows.to(torch.int64)
+        # Rows and keys are hashed once each (vectors); one more hash per weight mixes them.
         h_row = _mix32(_mix32((rows & _M32) ^ s_lo) ^ ((rows >> 32) & _M32))
         h_col = _mix32((cols.to(torch.int64) & _M32) ^ _mix32(s_hi ^ 0x9E3779B9))
-        threshold = min(_M32, round(self.p * 2**32))
-        return _mix32(h_row ^ h_col) >= threshold
+        if rows.device.type == "cpu" and cols.device.type == "cpu":
+            # Same bits through numpy's uint32, a few times faster than torch's int64 on CPU.
+            mixed = _mix32_numpy(np.bitwise_xor(h_row.numpy().astype(np.uint32), h_col.numpy().astype(np.uint32)))
+            return torch.from_numpy(mixed >= np.uint32(self._threshold()))
+        return _mix32(h_row ^ h_col) >= self._threshold()
+
+    def _threshold(self) -> int:
+        return min(_M32, round(self.p * 2**32))
 
     def apply(self, weights: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """``weights · keep / (1 − p)`` (differentiable in ``weights``)."""
