@@ -302,5 +302,6 @@ add(
         },
         mask_fn=sliding_window_mask,
         visible_keys=sliding_window_visible_keys,
+        cache_family="window",
     )
 )
