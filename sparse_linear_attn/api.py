@@ -169,8 +169,8 @@ class AttentionModule(nn.Module):
                 f"causal=False; build it with causal=True"
             )
         return make_cache(
-            self.config.variant, batch=batch, kv_heads=kv_heads, head_dim=head_dim, value_dim=value_dim,
-            dtype=dtype, device=device, max_len=max_len, **self.params,
+            AttentionConfig(self.config.variant, True, params=dict(self.params)), batch=batch, kv_heads=kv_heads,
+            head_dim=head_dim, value_dim=value_dim, dtype=dtype, device=device, max_len=max_len,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -96,6 +96,9 @@ def make_cache(
         config = to_config(variant_or_config)
         name, given = config.variant, {**config.params, **params}
     spec = registry.get(name)
+    if "head_dim" in spec.params and "head_dim" not in given:
+        # A variant with a head_dim parameter of its own (additive) takes the cache's.
+        given["head_dim"] = head_dim
     for n, value in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim)):
         _positive(n, value)
     value_dim = head_dim if value_dim is None else value_dim

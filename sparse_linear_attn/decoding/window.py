@@ -10,14 +10,16 @@ the ring's keys (positions ``max(sinks, p − window) .. p − 1``) and the new 
 variant's own causal call over that sequence. Its band and sink rules, applied to indices in this
 shorter sequence, select exactly the keys the one-shot call selects: the band is invariant to a
 shift of both query and key positions, and the sink keys keep their indices ``0 .. sinks − 1``
-(until the ring starts after them, the sequence is simply positions ``0 .. p + T − 1``). Cost per
-step O(T·(sinks + window + T)·D) at most, independent of ``seq_len``.
+(until the ring starts after them, the sequence is simply positions ``0 .. p + T − 1``). A
+one-token step sees every key kept, so it runs :func:`~sparse_linear_attn.backends.partial.partial_attention`
+over them directly. Cost per step O(T·(sinks + window + T)·D) at most, independent of ``seq_len``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..backends.partial import partial_attention
 from .base import Cache, attend_one_shot
 
 
@@ -61,7 +63,13 @@ class WindowCache(Cache):
         new_pad = given if given is not None else torch.zeros(k.shape[0], T, dtype=torch.bool, device=k.device)
         self._padded = self._padded or given is not None
         kpm = torch.cat([self.pad.index_select(1, idx), new_pad], dim=1) if self._padded else None
-        out = attend_one_shot(p, q, keys, values, kpm, module=module)
+        if T == 1:
+            # The ring holds exactly the keys a lone new query sees (the band before it and the
+            # sinks), so it attends to all of them, padding aside: no band to apply.
+            mask = None if kpm is None else ~kpm[:, None, None, :]
+            out = partial_attention(q, keys, values, scale=p.scale, mask=mask)[0].to(q.dtype)
+        else:
+            out = attend_one_shot(p, q, keys, values, kpm, module=module)
         # Keep the new positions that stay: sinks, and the last `window` of the others.
         first_kept = max(pos, pos + T - self.window) if self.window else pos + T
         for lo, hi in ((pos, min(pos + T, self.sinks)), (max(first_kept, self.sinks), pos + T)):
