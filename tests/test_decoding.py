@@ -19,7 +19,7 @@ import torch
 import sparse_linear_attn as sla
 from sparse_linear_attn import feature_maps as fm
 from sparse_linear_attn.errors import CacheError, ParameterError
-from sparse_linear_attn.variants.block_sparse import pattern_layout
+from sparse_linear_attn.patterns import pattern_layout
 from tests._reference import pattern_attention, softmax_attention
 
 B, H, HKV, N, D, DV = 2, 4, 2, 37, 8, 6
