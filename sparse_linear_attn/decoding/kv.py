@@ -38,9 +38,9 @@ class KVCache(Cache):
         self._padded = False
 
     def _allocate(self, capacity: int) -> None:
-        B, Hkv, f = self.batch, self.kv_heads, dict(dtype=self.dtype, device=self.device)
-        self.k = torch.zeros(B, Hkv, capacity, self.head_dim, **f)
-        self.v = torch.zeros(B, Hkv, capacity, self.value_dim, **f)
+        B, Hkv, dt, dev = self.batch, self.kv_heads, self.dtype, self.device
+        self.k = torch.zeros(B, Hkv, capacity, self.head_dim, dtype=dt, device=dev)
+        self.v = torch.zeros(B, Hkv, capacity, self.value_dim, dtype=dt, device=dev)
         self.pad = torch.zeros(B, capacity, dtype=torch.bool, device=self.device)
 
     @property

@@ -35,9 +35,9 @@ class WindowCache(Cache):
         self.window = int(self.params["window"])
         self.sinks = int(self.params.get("sinks", 0) or 0)
         slots = self.sinks + self.window
-        B, Hkv, f = self.batch, self.kv_heads, dict(dtype=self.dtype, device=self.device)
-        self.k = torch.zeros(B, Hkv, slots, self.head_dim, **f)
-        self.v = torch.zeros(B, Hkv, slots, self.value_dim, **f)
+        B, Hkv, dt, dev = self.batch, self.kv_heads, self.dtype, self.device
+        self.k = torch.zeros(B, Hkv, slots, self.head_dim, dtype=dt, device=dev)
+        self.v = torch.zeros(B, Hkv, slots, self.value_dim, dtype=dt, device=dev)
         self.pad = torch.zeros(B, slots, dtype=torch.bool, device=self.device)
         self._padded = False
 
