@@ -18,7 +18,7 @@ import torch
 
 import sparse_linear_attn as sla
 from sparse_linear_attn import feature_maps as fm
-from sparse_linear_attn.errors import CacheError, ParameterError
+from sparse_linear_attn.errors import CacheError, ParameterError, ShapeError
 from sparse_linear_attn.patterns import pattern_layout
 from tests._reference import pattern_attention, softmax_attention
 
@@ -472,3 +472,84 @@ def test_full_decoding_matches_softmax_reference_with_grouped_heads():
     ref, _ = softmax_attention(q, k, v, torch.ones(N, N).tril().bool())
     out, _ = decode("full", {}, q, k, v, prefill_then_steps(BLOCK))
     assert_close(out, ref, 1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# sla.MultiheadAttention: positions continue from the cache.
+
+MHA_VARIANTS = {
+    "full": {"variant": "full"},
+    "window": {"variant": "sliding_window", "window": 3},
+    "block_sparse": {"variant": "block_sparse", "block_size": 2, "pattern": "local", "num_local_blocks": 2},
+    "linear": {"variant": "linear", "chunk_size": 4},
+    "performer": {"variant": "performer", "num_features": 8, "chunk_size": 4},
+}
+if "sinks" in sla.describe("sliding_window").params:
+    MHA_VARIANTS["window_sinks"] = {"variant": "sliding_window", "window": 3, "sinks": 2}
+
+
+def _layer(name, positional, batch_first=True):
+    torch.manual_seed(3)
+    layer = sla.MultiheadAttention(
+        16, 4, num_kv_heads=2, batch_first=batch_first, positional=positional,
+        attention={**MHA_VARIANTS[name], "causal": True},
+    )  # fmt: skip
+    return layer.double().eval()
+
+
+@pytest.mark.parametrize("positional", [None, "rope", "sinusoidal", "alibi"])
+@pytest.mark.parametrize("name", list(MHA_VARIANTS))
+def test_multihead_cached_steps_equal_the_uncached_call(name, positional):
+    if positional == "alibi" and not sla.describe(MHA_VARIANTS[name]["variant"]).exact:
+        pytest.skip("ALiBi needs an exact variant")
+    layer = _layer(name, positional)
+    x = torch.randn(2, 23, 16, dtype=torch.float64)
+    kpm = torch.zeros(2, 23, dtype=torch.bool)
+    kpm[1, :4] = True  # row 1 left-padded
+    with torch.no_grad():
+        ref, _ = layer(x, x, x, key_padding_mask=kpm, need_weights=False)
+        cache = layer.make_cache(2, max_len=23)
+        outs = [layer(x[:, :6], x[:, :6], x[:, :6], key_padding_mask=kpm[:, :6], need_weights=False, cache=cache)[0]]
+        for t in range(6, 23):
+            xt = x[:, t : t + 1]
+            outs.append(layer(xt, xt, xt, need_weights=False, cache=cache)[0])
+    assert cache.seq_len == 23
+    assert_close(torch.cat(outs, 1), ref, 1e-10)
+
+
+def test_multihead_cache_with_sequence_first_layout():
+    layer = _layer("window", "rope", batch_first=False)
+    x = torch.randn(11, 2, 16, dtype=torch.float64)  # (L, B, E)
+    with torch.no_grad():
+        ref, _ = layer(x, x, x, need_weights=False)
+        cache = layer.make_cache(2)
+        out = torch.cat(
+            [layer(x[s:e], x[s:e], x[s:e], need_weights=False, cache=cache)[0] for s, e in ((0, 4), (4, 5), (5, 11))]
+        )
+    assert_close(out, ref, 1e-10)
+
+
+def test_multihead_cached_call_refusals():
+    layer = _layer("full", None)
+    x = torch.randn(1, 3, 16, dtype=torch.float64)
+    cache = layer.make_cache(1)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"need_weights=True \(pass need_weights=False\)"):
+            layer(x, x, x, cache=cache)
+        with pytest.raises(ValueError, match="attn_mask"):
+            layer(x, x, x, need_weights=False, attn_mask=torch.zeros(3, 3, dtype=torch.bool), cache=cache)
+        with pytest.raises(ShapeError, match="same new tokens"):
+            layer(x, x[:, :2], x[:, :2], need_weights=False, cache=cache)
+        with pytest.raises(CacheError, match="made for variant 'full', but the call runs 'linear'"):
+            _layer("linear", None)(x, x, x, need_weights=False, cache=cache)
+        noncausal = sla.MultiheadAttention(16, 4, batch_first=True).double()
+        with pytest.raises(CacheError, match="causal=False"):
+            noncausal.make_cache(1)
+        with pytest.raises(ValueError, match="non-causal attention config"):
+            noncausal(x, x, x, need_weights=False, cache=cache)
+    with pytest.raises(CacheError, match="no_grad"):
+        layer(x, x, x, need_weights=False, cache=cache)  # weights require grad outside no_grad
+    assert cache.seq_len == 0
+    linear_cache = _layer("linear", None).make_cache(1)
+    with pytest.raises(CacheError, match="keeps no keys"):
+        linear_cache.append(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4))

@@ -30,7 +30,7 @@ import torch
 from .. import registry
 from ..config import AttentionConfig, to_config
 from ..errors import CacheError, ParameterError
-from .base import Cache, attend_one_shot
+from .base import Cache, CacheView, attend_one_shot
 from .blocks import BlockSparseCache
 from .kv import KVCache
 from .recurrent import PerformerCache, RecurrentCache
@@ -128,6 +128,7 @@ __all__ = [
     "FAMILIES",
     "BlockSparseCache",
     "Cache",
+    "CacheView",
     "KVCache",
     "PerformerCache",
     "RecurrentCache",

@@ -12,6 +12,7 @@ tensors in ``_buffers`` and implement ``_advance`` and ``_clear``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -32,6 +33,24 @@ def _same(a: Any, b: Any) -> bool:
             return False
         return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
     return bool(a == b)
+
+
+@dataclass(frozen=True)
+class CacheView:
+    """What the ``T`` new queries of a step may see, for a caller's own dense masked path
+    (``sla.MultiheadAttention`` with ALiBi adds a score bias the variants do not take).
+
+    ``keys (B, Hkv, L, D)``, ``values (B, Hkv, L, Dv)``, ``key_padding_mask (B, L)`` or None,
+    ``positions (L,)`` the keys' positions in the sequence, and ``visible (1 or H, T, L)``: the
+    variant's pattern and causality over these keys (padding apart), exactly as in the one-shot
+    call. O(T·L) memory.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    key_padding_mask: torch.Tensor | None
+    positions: torch.Tensor
+    visible: torch.Tensor
 
 
 class Cache:
@@ -60,6 +79,7 @@ class Cache:
         device: torch.device,
         max_len: int | None,
     ):
+        self.spec = spec
         self.variant = spec.name
         self.params = dict(params)
         self.batch = batch
@@ -214,7 +234,22 @@ class Cache:
         self._seq_len += k.shape[2]
         return out
 
+    def append(self, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> CacheView:
+        """Add ``T`` new keys/values (a step without its attention) and return what the new
+        queries may see, for a dense path of the caller's own. Check the call first (as
+        :func:`~sparse_linear_attn.backends.dispatch.prepare` does with ``cache=``). Caches that
+        keep no keys (a recurrent state) raise :class:`~sparse_linear_attn.errors.CacheError`."""
+        view = self._view(k, v, key_padding_mask)
+        self._seq_len += k.shape[2]
+        return view
+
     # ---- what families implement ----------------------------------------------------------
+    def _view(self, k, v, key_padding_mask) -> CacheView:
+        raise CacheError(
+            f"a {self.variant!r} cache keeps no keys ({type(self).__name__}), so it has no dense view "
+            f"for a score bias; only caches that keep keys (full, dot_product, sliding_window, block_sparse) do"
+        )
+
     def limit(self) -> int | None:
         """The largest ``seq_len`` this cache can reach (``max_len``, or a family's own bound)."""
         return self.max_len

@@ -20,7 +20,7 @@ import torch
 from ..backends.partial import partial_attention
 from ..errors import CacheError
 from ..variants.block_sparse import layout_rows
-from .base import attend_one_shot
+from .base import CacheView, attend_one_shot
 from .kv import KVCache
 
 
@@ -83,6 +83,18 @@ class BlockSparseCache(KVCache):
             pieces.append(self._block_step(p, q[:, :, s - n0 : e - n0], keys, values, kpm, s, e))
             s = e
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+
+    def _view(self, k, v, key_padding_mask):
+        n0, T, bs = self.seq_len, k.shape[2], self.block_size
+        keys, values, kpm = self.extend(k, v, key_padding_mask)
+        n, dev = keys.shape[2], self.device
+        first, last = n0 // bs, (n0 + T - 1) // bs
+        rows = layout_rows(torch.arange(first, last + 1), last + 1, **self.params).to(dev)
+        i = torch.arange(n0, n0 + T, device=dev)
+        positions = torch.arange(n, device=dev)
+        # Row of each query's block, each key block widened to its keys: (1 or H, T, n), O(T·n).
+        visible = rows[..., i // bs - first, :].repeat_interleave(bs, -1)[..., :n] & (positions <= i[:, None])
+        return CacheView(keys, values, kpm, positions, visible if visible.dim() == 3 else visible[None])
 
     def _block_step(self, p, q, keys, values, kpm, s: int, e: int) -> torch.Tensor:
         """Queries at positions ``s .. e − 1``, all in one block, over that row's visible keys."""

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import CacheError
-from .base import Cache, attend_one_shot
+from .base import Cache, CacheView, attend_one_shot
 
 #: First allocation of a cache without ``max_len``, in positions.
 MIN_CAPACITY = 64
@@ -75,6 +75,13 @@ class KVCache(Cache):
             self.pad[:, n0 : n0 + T] = False
         n = n0 + T
         return self.k[:, :, :n], self.v[:, :, :n], (self.pad[:, :n] if self._padded else None)
+
+    def _view(self, k, v, key_padding_mask):
+        n0 = self.seq_len
+        keys, values, kpm = self.extend(k, v, key_padding_mask)
+        positions = torch.arange(keys.shape[2], device=self.device)
+        visible = positions[None, :] <= torch.arange(n0, n0 + k.shape[2], device=self.device)[:, None]
+        return CacheView(keys, values, kpm, positions, visible[None])
 
     def _advance(self, p, q, k, v, module):
         keys, values, kpm = self.extend(k, v, p.key_padding_mask)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..backends.partial import partial_attention
-from .base import Cache, attend_one_shot
+from .base import Cache, CacheView, attend_one_shot
 
 
 class WindowCache(Cache):
@@ -53,24 +53,24 @@ class WindowCache(Cache):
         p = self.seq_len
         return min(self.sinks, p), max(self.sinks, p - self.window), p
 
-    def _advance(self, p, q, k, v, module):
+    def _gather(self, k, v, given):
+        """The kept keys then the new ones, in position order: ``(keys, values, kpm or None,
+        new_pad, positions)``."""
         pos, T = self.seq_len, k.shape[2]
         a, b, _ = self.kept()
         idx = torch.cat([self._slots(0, a), self._slots(b, pos)])
         keys = torch.cat([self.k.index_select(2, idx), k], dim=2)
         values = torch.cat([self.v.index_select(2, idx), v], dim=2)
-        given = p.key_padding_mask
         new_pad = given if given is not None else torch.zeros(k.shape[0], T, dtype=torch.bool, device=k.device)
         self._padded = self._padded or given is not None
         kpm = torch.cat([self.pad.index_select(1, idx), new_pad], dim=1) if self._padded else None
-        if T == 1:
-            # The ring holds exactly the keys a lone new query sees (the band before it and the
-            # sinks), so it attends to all of them, padding aside: no band to apply.
-            mask = None if kpm is None else ~kpm[:, None, None, :]
-            out = partial_attention(q, keys, values, scale=p.scale, mask=mask)[0].to(q.dtype)
-        else:
-            out = attend_one_shot(p, q, keys, values, kpm, module=module)
-        # Keep the new positions that stay: sinks, and the last `window` of the others.
+        dev = self.device
+        positions = torch.cat([torch.arange(a, device=dev), torch.arange(b, pos + T, device=dev)])
+        return keys, values, kpm, new_pad, positions
+
+    def _store(self, k, v, new_pad) -> None:
+        """Keep the new positions that stay: sinks, and the last ``window`` of the others."""
+        pos, T = self.seq_len, k.shape[2]
         first_kept = max(pos, pos + T - self.window) if self.window else pos + T
         for lo, hi in ((pos, min(pos + T, self.sinks)), (max(first_kept, self.sinks), pos + T)):
             if lo < hi:
@@ -78,7 +78,27 @@ class WindowCache(Cache):
                 self.k.index_copy_(2, slots, k[:, :, lo - pos : hi - pos])
                 self.v.index_copy_(2, slots, v[:, :, lo - pos : hi - pos])
                 self.pad.index_copy_(1, slots, new_pad[:, lo - pos : hi - pos])
+
+    def _advance(self, p, q, k, v, module):
+        keys, values, kpm, new_pad, _ = self._gather(k, v, p.key_padding_mask)
+        if k.shape[2] == 1:
+            # The ring holds exactly the keys a lone new query sees (the band before it and the
+            # sinks), so it attends to all of them, padding aside: no band to apply.
+            mask = None if kpm is None else ~kpm[:, None, None, :]
+            out = partial_attention(q, keys, values, scale=p.scale, mask=mask)[0].to(q.dtype)
+        else:
+            out = attend_one_shot(p, q, keys, values, kpm, module=module)
+        self._store(k, v, new_pad)
         return out
+
+    def _view(self, k, v, key_padding_mask):
+        keys, values, kpm, new_pad, positions = self._gather(k, v, key_padding_mask)
+        self._store(k, v, new_pad)
+        # The variant's own mask over this shorter sequence selects what the one-shot call does.
+        mask_fn = self.spec.mask_fn
+        assert mask_fn is not None  # sliding_window has one
+        visible = mask_fn(k.shape[2], keys.shape[2], causal=True, **self.params)
+        return CacheView(keys, values, kpm, positions, visible.to(self.device)[None])
 
     def _clear(self) -> None:
         self.pad.zero_()
