@@ -11,6 +11,7 @@ variant's call, other parameters, past ``max_len``); memory and preallocation.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -553,3 +554,30 @@ def test_multihead_cached_call_refusals():
     linear_cache = _layer("linear", None).make_cache(1)
     with pytest.raises(CacheError, match="keeps no keys"):
         linear_cache.append(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# sla-bench decode (figures live in docs/decoding.md; here only that it runs and records).
+
+
+def test_sla_bench_decode_records_latency_and_cache_memory(tmp_path, capsys):
+    from sparse_linear_attn.bench.cli import main
+
+    argv = ["decode", "--variants", "full", "sliding_window:window=16", "performer:num_features=8",
+            "--contexts", "64,256", "--batch", "1", "2", "--heads", "2", "--head-dim", "8", "--steps", "2",
+            "--rounds", "1", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "cpu pressure before" in printed and "ms/token" in printed
+    rows = [json.loads(line) for line in (tmp_path / "decode.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 2 * 2
+    by = {(r["variant"], r["batch"], r["context"]): r for r in rows}
+    assert all(r["ms_per_token"] > 0 for r in rows)
+    # full keeps every key (its cache grows with the context, preallocated to context + steps);
+    # the ring and the recurrent state do not grow.
+    assert by[("full", 1, 256)]["cache_bytes"] == 2 * 2 * (256 + 2) * 8 * 4 + (256 + 2)
+    assert by[("full", 1, 256)]["cache_bytes"] > 3 * by[("full", 1, 64)]["cache_bytes"]
+    for label in ("sliding_window:window=16", "performer:num_features=8"):
+        assert by[(label, 2, 64)]["cache_bytes"] == by[(label, 2, 256)]["cache_bytes"]
+        assert by[(label, 2, 64)]["cache_bytes"] == 2 * by[(label, 1, 64)]["cache_bytes"]
+    assert main(["decode", "--variants", "full", "--steps", "0"]) == 2
