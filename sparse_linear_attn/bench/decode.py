@@ -5,8 +5,8 @@ of random keys and values, then one-token steps are timed. Caches that keep ever
 ``kv`` family (``full``, ``dot_product``) are filled with ``load_state_dict`` (a quadratic
 prefill would only cost time); every other cache runs its own chunked prefill. The caches of
 all lengths of one (variant, batch) exist together and are timed in interleaved rounds, so that
-load on a shared machine hits every length alike: each round times ``--steps`` steps per
-length and keeps their median; the figure is the best round. Cache memory is ``cache.nbytes``
+load on a shared machine hits every length alike (in alternating order): each round times
+``--steps`` steps per length and keeps their median; the figure is the best round. Cache memory is ``cache.nbytes``
 (the state tensors, allocated capacity included). Each round adds ``--steps`` positions.
 """
 
@@ -130,8 +130,10 @@ def measure(
     tokens = [(token(heads), token(kv_heads), token(kv_heads)) for _ in range(steps)]
     best: dict[int, float] = {n: float("inf") for n in contexts}
     with torch.no_grad():
-        for _ in range(rounds):
-            for n in contexts:
+        for r in range(rounds):
+            # Alternate the order, so that a drift of the machine's speed within a round does
+            # not favour the first lengths.
+            for n in contexts if r % 2 == 0 else contexts[::-1]:
                 cache, times = caches[n], []
                 for q, k, v in tokens:
                     _sync(device)
