@@ -68,7 +68,7 @@ class BlockSparseCache(KVCache):
 
     def _advance(self, p, q, k, v, module):
         n0, T = self.seq_len, k.shape[2]
-        keys, values, kpm = self.extend(k, v, p.key_padding_mask)
+        keys, values, kpm = self._extend(k, v, p.key_padding_mask)
         bs, end = self.block_size, n0 + T
         pieces, s = [], n0
         while s < end:
@@ -86,7 +86,7 @@ class BlockSparseCache(KVCache):
 
     def _view(self, k, v, key_padding_mask):
         n0, T, bs = self.seq_len, k.shape[2], self.block_size
-        keys, values, kpm = self.extend(k, v, key_padding_mask)
+        keys, values, kpm = self._extend(k, v, key_padding_mask)
         n, dev = keys.shape[2], self.device
         first, last = n0 // bs, (n0 + T - 1) // bs
         rows = layout_rows(torch.arange(first, last + 1), last + 1, **self.params).to(dev)

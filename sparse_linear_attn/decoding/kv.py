@@ -60,10 +60,10 @@ class KVCache(Cache):
         self.v[:, :, :used] = old[1][:, :, :used]
         self.pad[:, :used] = old[2][:, :used]
 
-    def extend(self, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None):
+    def _extend(self, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None):
         """Write ``T`` new keys/values after the cached ones and return views of all of them:
         ``(k (B, Hkv, n, D), v (B, Hkv, n, Dv), key_padding_mask (B, n) or None)`` with
-        ``n = seq_len + T``. ``seq_len`` itself moves on in :meth:`step`."""
+        ``n = seq_len + T``. ``seq_len`` itself moves on in ``step``/``append``."""
         n0, T = self.seq_len, k.shape[2]
         self._ensure(n0 + T)
         self.k[:, :, n0 : n0 + T] = k
@@ -78,13 +78,13 @@ class KVCache(Cache):
 
     def _view(self, k, v, key_padding_mask):
         n0 = self.seq_len
-        keys, values, kpm = self.extend(k, v, key_padding_mask)
+        keys, values, kpm = self._extend(k, v, key_padding_mask)
         positions = torch.arange(keys.shape[2], device=self.device)
         visible = positions[None, :] <= torch.arange(n0, n0 + k.shape[2], device=self.device)[:, None]
         return CacheView(keys, values, kpm, positions, visible[None])
 
     def _advance(self, p, q, k, v, module):
-        keys, values, kpm = self.extend(k, v, p.key_padding_mask)
+        keys, values, kpm = self._extend(k, v, p.key_padding_mask)
         return attend_one_shot(p, q, keys, values, kpm, module=module)
 
     def _clear(self) -> None:

@@ -69,9 +69,6 @@ class RecurrentCache(Cache):
             )  # fmt: skip
         return self._base
 
-    def _check_more(self, call) -> None:
-        pass
-
     def _advance(self, p, q, k, v, module):
         if self.scale is not None and p.scale != self.scale and self.seq_len > 0:
             raise CacheError(
