@@ -117,5 +117,6 @@ add(
         module=AdditiveAttention,
         default_scale=1.0,
         cache_family="kv",
+        examples=({"head_dim": 8, "hidden_dim": 4},),
     )
 )

@@ -443,6 +443,13 @@ add(
         supports=Supports(),
         cache_family="recurrent",
         impls={"torch": Impl(linear_chunked), "math": Impl(linear_reference)},
+        # Each feature map; chunks shorter than N, ragged and not (N = 16, 24, 40).
+        examples=(
+            {"feature_map": "elu", "chunk_size": 5},
+            {"feature_map": "relu", "chunk_size": 7},
+            {"feature_map": "favor", "num_features": 16, "seed": 1, "chunk_size": 8},
+            {"feature_map": "taylor", "chunk_size": 16},
+        ),
     )
 )
 
@@ -456,5 +463,10 @@ add(
         supports=Supports(),
         cache_family="performer",
         impls={"torch": Impl(_as_performer(linear_chunked)), "math": Impl(_as_performer(linear_reference))},
+        examples=(
+            {"num_features": 16, "chunk_size": 5},
+            {"num_features": 7, "seed": 2, "chunk_size": 16},
+            {"num_features": 16, "redraw": True},
+        ),
     )
 )
