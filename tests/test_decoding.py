@@ -133,6 +133,33 @@ def test_random_chunk_splits_equal_one_shot(case):
         assert_close(out, ref, 1e-10)
 
 
+def _registry_examples():
+    """Every registered variant with an exact cache, with each parameter set of its spec's
+    ``examples`` (those the conformance suite runs) and its defaults: variants added later
+    are covered without a line here."""
+    from sparse_linear_attn import registry
+    from sparse_linear_attn.decoding import FAMILIES
+
+    out = []
+    for name in sla.available_variants():
+        spec = registry.get(name)
+        family = FAMILIES.get(spec.cache_family or "")
+        if family is None or not family.exact or spec.module is not None:
+            continue
+        for i, params in enumerate([{}, *spec.examples]):
+            out.append(pytest.param(name, dict(params), id=f"{name}-{i}"))
+    return out
+
+
+@pytest.mark.parametrize("variant, params", _registry_examples())
+def test_every_cached_variant_and_its_examples_decode_like_one_shot(variant, params):
+    q, k, v = qkv(n=29)
+    ref = sla.attention(q, k, v, variant, causal=True, **params)
+    for splits in ([29], [1] * 29, [5, 1, 1, 13, 9]):
+        out, _ = decode(variant, params, q, k, v, splits)
+        assert_close(out, ref, 1e-10)
+
+
 EXACT = [c for c, (variant, _) in CASES.items() if sla.describe(variant).exact]
 
 

@@ -63,6 +63,9 @@ class Cache:
 
     #: The family name this class is registered under (``sla.decoding.FAMILIES``).
     family: ClassVar[str] = ""
+    #: Whether steps equal the one-shot causal call (up to rounding). A cache that approximates
+    #: it (e.g. a content-adaptive selection made per step from pooled keys) sets False.
+    exact: ClassVar[bool] = True
     #: Names of the state tensors, each with the batch as dim 0.
     _buffers: ClassVar[tuple[str, ...]] = ()
 
