@@ -56,6 +56,16 @@ if "sinks" in sla.describe("sliding_window").params:  # attention sinks (issue 1
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Thousands of tiny steps: a second intra-op thread only adds synchronisation, and on a
+    # shared, oversubscribed machine it made this file ~7× slower (108 s against 15 s).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def qkv(batch=B, n=N, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (
