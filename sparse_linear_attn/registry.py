@@ -116,6 +116,10 @@ class VariantSpec:
     # Parameter sets, sized for short test sequences (N ≈ 16–40), that the conformance suite
     # (sla.testing) runs besides the defaults: the settings that exercise the variant's pattern.
     examples: tuple[Mapping[str, Any], ...] = ()
+    # The decoding cache family (a name in ``sla.decoding.FAMILIES``) that runs this variant token
+    # by token with ``sla.make_cache``; None: no incremental decoding. A name, not a class, so that
+    # variants never import the decoding package (it imports them).
+    cache_family: str | None = None
     user_defined: bool = False
 
     @property

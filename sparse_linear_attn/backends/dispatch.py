@@ -14,15 +14,19 @@ On top of those, a variant's implementation may rule itself out for a call it ca
 also decline while running by raising :class:`~sparse_linear_attn.errors.CannotRun` (Flex past
 its compiled-graph limit); under ``auto`` the next candidate then runs. Every reason is
 collected, and when nothing fits the error lists each backend with why it was ruled out.
+
+A call with a decoding cache (:mod:`sparse_linear_attn.decoding`) is prepared the same way —
+:func:`prepare` also checks that it fits the cache — and :func:`run` then hands it to the
+cache's step, which runs the variant's math over the cached state.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,10 +35,13 @@ from ..errors import BackendUnavailableError, CannotRun, ParameterError, unknown
 from ..inputs import Call, check_flag, check_inputs, make_call, repeat_kv
 from ..registry import Impl, VariantSpec
 
+if TYPE_CHECKING:
+    from ..decoding import Cache
+
 _FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
-@cache
+@functools.cache
 def _module_missing(module: str) -> str | None:
     # find_spec does not import: xformers warns at import on machines without CUDA, and users
     # who never asked for it must not see that.
@@ -135,6 +142,8 @@ class Prepared:
     key_padding_mask: torch.Tensor | None
     return_weights: bool
     backend: str
+    # A decoding cache: run() hands the call to its step (q, k, v then hold only new tokens).
+    cache: Cache | None = None
 
 
 def check_backend(spec: VariantSpec, backend: Any) -> str:
@@ -185,15 +194,21 @@ def prepare(
     scale: float | None = None,
     return_weights: Any = False,
     backend: Any = "auto",
+    cache: Cache | None = None,
 ) -> Prepared:
-    """Check a call once — flags, backend name, tensors, what the variant supports, the scale —
-    and return what :func:`run` needs. ``params`` are the variant's resolved parameters."""
+    """Check a call once — flags, backend name, tensors, what the variant supports, the scale,
+    and that it fits ``cache`` if one is given — and return what :func:`run` needs. ``params``
+    are the variant's resolved parameters."""
     causal = check_flag("causal", causal)
     return_weights = check_flag("return_weights", return_weights)
     backend = check_backend(spec, backend)
     check_inputs(q, k, v, key_padding_mask)
     call = make_call(q, k, v, causal=causal, key_padding_mask=key_padding_mask, return_weights=return_weights)
     check_supports(spec, call)
+    if cache is not None:
+        if not callable(getattr(cache, "check_call", None)) or not callable(getattr(cache, "step", None)):
+            raise ParameterError(f"cache must be an sla.Cache (made by sla.make_cache), got {type(cache).__name__}")
+        cache.check_call(spec, params, call, causal=causal, return_weights=return_weights, device=q.device)
     return Prepared(
         spec=spec,
         params=params,
@@ -203,6 +218,7 @@ def prepare(
         key_padding_mask=key_padding_mask,
         return_weights=return_weights,
         backend=backend,
+        cache=cache,
     )
 
 
@@ -294,6 +310,8 @@ def run(p: Prepared, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, modul
         return empty_result(q, k, v, p.return_weights)
     if p.spec.module is not None and module is None:
         raise ParameterError(f"variant {p.spec.name!r} is an nn.Module variant: build it with sla.build(config)")
+    if p.cache is not None:
+        return p.cache.step(p, q, k, v, module=module)
     reasons = []
     for name, reason in candidates(p.spec, p.call, p.params, p.backend):
         if reason is None:

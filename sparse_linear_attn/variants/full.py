@@ -48,6 +48,7 @@ add(
         supports=Supports(),
         impls=dict(IMPLS),
         visible_keys=full_visible_keys,
+        cache_family="kv",
     )
 )
 
@@ -61,5 +62,6 @@ add(
         impls=dict(IMPLS),
         default_scale=1.0,
         visible_keys=full_visible_keys,
+        cache_family="kv",
     )
 )
