@@ -1,4 +1,5 @@
-"""The public calls: ``attention``, ``build`` and ``dense_mask``.
+"""The public calls: ``attention``, ``build`` and ``dense_mask`` (``make_cache`` lives in
+:mod:`sparse_linear_attn.decoding`).
 
 Both ``attention`` and :class:`AttentionModule` hand a call to
 :mod:`sparse_linear_attn.backends.dispatch` (``prepare`` checks it once, ``run`` picks the backend
@@ -18,6 +19,8 @@ from torch import nn
 from . import registry
 from .backends import dispatch
 from .config import AttentionConfig, to_config
+from .decoding import Cache, make_cache
+from .errors import CacheError
 from .inputs import check_flag, full_visibility
 
 
@@ -34,6 +37,7 @@ def attention(
     return_weights: Literal[False] = ...,
     backend: str = ...,
     dropout_p: float = ...,
+    cache: Cache | None = ...,
     **params: Any,
 ) -> torch.Tensor: ...
 @overload
@@ -49,6 +53,7 @@ def attention(
     return_weights: Literal[True],
     backend: str = ...,
     dropout_p: float = ...,
+    cache: Cache | None = ...,
     **params: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 def attention(
@@ -63,6 +68,7 @@ def attention(
     return_weights: bool = False,
     backend: str = "auto",
     dropout_p: float = 0.0,
+    cache: Cache | None = None,
     **params: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over ``k``/``v`` with the named variant.
@@ -85,6 +91,11 @@ def attention(
             every call (modules apply it in training only). Variants with
             ``sla.describe(variant).dropout``; the mask is a hash of the position and a seed
             drawn from torch's generator, so ``torch.manual_seed`` reproduces it.
+        cache: an ``sla.Cache`` from ``sla.make_cache`` for incremental decoding: q, k, v then
+            hold only the new tokens (any number), which follow the ``cache.seq_len`` cached
+            ones; the cache is updated in place and the output is the matching rows of the
+            one-shot causal call over the whole sequence. Needs ``causal=True``; a
+            ``key_padding_mask`` covers the new keys and is kept for later steps.
         **params: the variant's own parameters (``sla.describe(variant).params``).
 
     Returns:
@@ -103,7 +114,7 @@ def attention(
         module = module.to(q.device)
     prepared = dispatch.prepare(
         spec, q, k, v, params=resolved, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-        return_weights=return_weights, backend=backend, dropout_p=dropout_p,
+        return_weights=return_weights, backend=backend, dropout_p=dropout_p, cache=cache,
     )  # fmt: skip
     return dispatch.run(prepared, q, k, v, module=module)
 
@@ -112,9 +123,10 @@ class AttentionModule(nn.Module):
     """An attention variant as an ``nn.Module`` (what ``sla.build`` returns).
 
     ``forward(q, k, v, *, key_padding_mask=None, return_weights=False, causal=None,
-    dropout_p=None)`` behaves as ``sla.attention(q, k, v, **config)``; ``causal=None`` uses the
-    config's, ``dropout_p=None`` the config's ``dropout`` in training and 0 in eval (as
+    dropout_p=None, cache=None)`` behaves as ``sla.attention(q, k, v, **config)``; ``causal=None``
+    uses the config's, ``dropout_p=None`` the config's ``dropout`` in training and 0 in eval (as
     FlashAttention's modules do). Variants with learned parameters hold them in ``self.impl``.
+    :meth:`make_cache` makes a decoding cache for ``forward(..., cache=cache)``.
     """
 
     def __init__(self, config: AttentionConfig):
@@ -144,6 +156,7 @@ class AttentionModule(nn.Module):
         return_weights: bool = False,
         causal: bool | None = None,
         dropout_p: float | None = None,
+        cache: Cache | None = None,
     ):
         c = self.config
         if dropout_p is None:
@@ -151,9 +164,32 @@ class AttentionModule(nn.Module):
         prepared = dispatch.prepare(
             self.spec, q, k, v, params=self.params, causal=c.causal if causal is None else causal,
             key_padding_mask=key_padding_mask, scale=c.scale, return_weights=return_weights, backend=c.backend,
-            dropout_p=dropout_p,
+            dropout_p=dropout_p, cache=cache,
         )  # fmt: skip
         return dispatch.run(prepared, q, k, v, module=self.impl)
+
+    def make_cache(
+        self,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        value_dim: int | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        max_len: int | None = None,
+    ) -> Cache:
+        """An empty decoding cache for this module's variant and parameters (see
+        ``sla.make_cache``); the module's config must be causal."""
+        if not self.config.causal:
+            raise CacheError(
+                f"a cache decodes causally, but this {self.config.variant!r} module was built with "
+                f"causal=False; build it with causal=True"
+            )
+        return make_cache(
+            AttentionConfig(self.config.variant, True, params=dict(self.params)), batch=batch, kv_heads=kv_heads,
+            head_dim=head_dim, value_dim=value_dim, dtype=dtype, device=device, max_len=max_len,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())

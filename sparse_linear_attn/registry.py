@@ -176,6 +176,10 @@ class VariantSpec:
     examples: tuple[Mapping[str, Any], ...] = ()
     # What users should know that the flags do not say (shown by sla.describe).
     notes: tuple[str, ...] = ()
+    # The decoding cache family (a name in ``sla.decoding.FAMILIES``) that runs this variant token
+    # by token with ``sla.make_cache``; None: no incremental decoding. A name, not a class, so that
+    # variants never import the decoding package (it imports them).
+    cache_family: str | None = None
     user_defined: bool = False
 
     @property

@@ -407,3 +407,14 @@ def test_cuda_dropout_is_unbiased_and_reproducible(name, params):
     a = sla.attention(q, k, v, name, dropout_p=p, **params)
     torch.manual_seed(3)
     assert torch.equal(a, sla.attention(q, k, v, name, dropout_p=p, **params))
+
+
+def test_dropout_with_a_decoding_cache_is_refused_clearly():
+    layer = sla.build({"variant": "sliding_window", "window": 4, "causal": True, "dropout": 0.1})
+    cache = layer.make_cache(batch=1, kv_heads=2, head_dim=8, dtype=F64)
+    q, k, v = qkv(B=1, H=2, Hkv=2, nq=3, nk=3, Dv=8)
+    with pytest.raises(ValueError, match=r"does not apply to cached decoding.*eval\(\)"):
+        layer(q, k, v, cache=cache)
+    layer.eval()
+    layer(q, k, v, cache=cache)  # eval: no dropout, decoding runs
+    assert cache.seq_len == 3

@@ -14,15 +14,19 @@ On top of those, a variant's implementation may rule itself out for a call it ca
 also decline while running by raising :class:`~sparse_linear_attn.errors.CannotRun` (Flex past
 its compiled-graph limit); under ``auto`` the next candidate then runs. Every reason is
 collected, and when nothing fits the error lists each backend with why it was ruled out.
+
+A call with a decoding cache (:mod:`sparse_linear_attn.decoding`) is prepared the same way —
+:func:`prepare` also checks that it fits the cache — and :func:`run` then hands it to the
+cache's step, which runs the variant's math over the cached state.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -32,10 +36,13 @@ from ..inputs import Call, check_flag, check_inputs, check_probability, make_cal
 from ..registry import Impl, VariantSpec, available_variants, get
 from .dropout import Dropout, draw_seed
 
+if TYPE_CHECKING:
+    from ..decoding import Cache
+
 _FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
-@cache
+@functools.cache
 def _module_missing(module: str) -> str | None:
     # find_spec does not import: xformers warns at import on machines without CUDA, and users
     # who never asked for it must not see that.
@@ -140,6 +147,8 @@ class Prepared:
     return_weights: bool
     backend: str
     dropout_p: float = 0.0
+    # A decoding cache: run() hands the call to its step (q, k, v then hold only new tokens).
+    cache: Cache | None = None
 
 
 def check_backend(spec: VariantSpec, backend: Any) -> str:
@@ -203,10 +212,11 @@ def prepare(
     return_weights: Any = False,
     backend: Any = "auto",
     dropout_p: Any = 0.0,
+    cache: Cache | None = None,
 ) -> Prepared:
     """Check a call once — flags, backend name, tensors, what the variant supports, the scale,
-    the dropout probability — and return what :func:`run` needs. ``params`` are the variant's
-    resolved parameters."""
+    the dropout probability, and that it fits ``cache`` if one is given — and return what
+    :func:`run` needs. ``params`` are the variant's resolved parameters."""
     causal = check_flag("causal", causal)
     return_weights = check_flag("return_weights", return_weights)
     dropout_p = check_dropout(spec, dropout_p)
@@ -216,6 +226,15 @@ def prepare(
         q, k, v, causal=causal, key_padding_mask=key_padding_mask, return_weights=return_weights, dropout=dropout_p > 0
     )
     check_supports(spec, call)
+    if cache is not None:
+        if not callable(getattr(cache, "check_call", None)) or not callable(getattr(cache, "step", None)):
+            raise ParameterError(f"cache must be an sla.Cache (made by sla.make_cache), got {type(cache).__name__}")
+        if dropout_p > 0.0:
+            raise ParameterError(
+                f"attention dropout (dropout_p={dropout_p}) does not apply to cached decoding: decode in eval() "
+                f"mode (modules then use dropout_p=0) or pass dropout_p=0.0"
+            )
+        cache.check_call(spec, params, call, causal=causal, return_weights=return_weights, device=q.device)
     return Prepared(
         spec=spec,
         params=params,
@@ -226,6 +245,7 @@ def prepare(
         return_weights=return_weights,
         backend=backend,
         dropout_p=dropout_p,
+        cache=cache,
     )
 
 
@@ -329,6 +349,8 @@ def run(p: Prepared, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, modul
         return empty_result(q, k, v, p.return_weights)
     if p.spec.module is not None and module is None:
         raise ParameterError(f"variant {p.spec.name!r} is an nn.Module variant: build it with sla.build(config)")
+    if p.cache is not None:
+        return p.cache.step(p, q, k, v, module=module)
     reasons = []
     for name, reason in candidates(p.spec, p.call, p.params, p.backend):
         if reason is None:

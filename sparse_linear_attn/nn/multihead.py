@@ -37,7 +37,9 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .. import registry
 from ..api import AttentionModule
+from ..backends import dispatch
 from ..config import AttentionConfig, to_config
+from ..decoding import Cache
 from ..errors import ShapeError, unknown_name_message
 from ..inputs import causal_mask, causal_offset, full_visibility
 from .dense import masked_biased_attention, split_float_mask
@@ -321,12 +323,22 @@ class MultiheadAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
+        cache: Cache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Shapes as ``nn.MultiheadAttention``: query ``(L, B, E)`` (``(B, L, E)`` if
         ``batch_first``, ``(L, E)`` unbatched), key/value ``(S, B, kdim/vdim)``;
         ``key_padding_mask (B, S)``, ``attn_mask (L, S)`` or ``(B·H, L, S)``. Returns the output
         in the query's layout and, if ``need_weights``, weights ``(B, L, S)`` averaged over
-        heads or ``(B, H, L, S)``."""
+        heads or ``(B, H, L, S)``.
+
+        ``cache`` (from :meth:`make_cache`): incremental decoding of causal self-attention.
+        query, key and value then hold only the new tokens (``S == L``), which follow the
+        ``cache.seq_len`` cached ones; positions (RoPE, sinusoidal, ALiBi) continue from there,
+        the cache is updated in place, and the output equals the matching rows of the uncached
+        call over the whole sequence. ``key_padding_mask`` (bool) covers the new tokens and is
+        kept. No ``attn_mask``, ``need_weights``, dropout in training or appended keys."""
+        if cache is not None:
+            return self._forward_cached(query, key, value, key_padding_mask, need_weights, attn_mask, cache)
         if query.is_nested:
             return self._forward_nested(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
@@ -351,6 +363,63 @@ class MultiheadAttention(nn.Module):
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+    def make_cache(self, batch: int, max_len: int | None = None) -> Cache:
+        """An empty decoding cache for ``forward(x, x, x, cache=cache)`` on ``batch`` sequences,
+        in the dtype and on the device of the layer's weights. The attention config must be
+        causal. ``max_len``: positions it may reach (caches that keep every key allocate it)."""
+        w = self.out_proj.weight
+        return self.attn.make_cache(
+            batch, self.num_kv_heads, self.head_dim, self.head_dim, dtype=w.dtype, device=w.device, max_len=max_len
+        )
+
+    def _forward_cached(self, query, key, value, key_padding_mask, need_weights, attn_mask, cache):
+        if query.is_nested or query.dim() != 3 or not (query.shape[:-1] == key.shape[:-1] == value.shape[:-1]):
+            raise ShapeError(
+                f"with a cache, query, key and value are 3-D and hold the same new tokens (self-attention); "
+                f"got query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+            )
+        problems = [
+            what
+            for what, on in (
+                ("need_weights=True (pass need_weights=False)", need_weights),
+                ("an attn_mask (the cached call is causal already)", attn_mask is not None),
+                ("add_bias_kv/add_zero_attn", self.bias_k is not None or self.add_zero_attn),
+                (f"attention dropout ({self.dropout}) in training (call .eval())", self.training and self.dropout > 0),
+                ("a non-bool key_padding_mask", key_padding_mask is not None and key_padding_mask.dtype != torch.bool),
+                ("a non-causal attention config", not self.attn.config.causal),
+            )
+            if on
+        ]
+        if problems:
+            raise ValueError(f"a call with a cache cannot take {' or '.join(problems)}")
+        if not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        B, T, E = query.shape
+        offset = cache.seq_len
+        q, k, v = self._project(query, key, value, offset=offset)
+        if self.alibi is None:
+            dropout_p = self.dropout if self.training else 0.0  # refused with a cache: decode in eval()
+            out = self.attn(q, k, v, key_padding_mask=key_padding_mask, causal=True, cache=cache, dropout_p=dropout_p)
+        else:
+            # ALiBi biases scores, which the variants do not take: the dense path over the keys
+            # the cache shows, with distances from their positions.
+            a = self.attn
+            dispatch.prepare(
+                a.spec, q, k, v, params=a.params, causal=True, key_padding_mask=key_padding_mask,
+                scale=a.config.scale, backend=a.config.backend, cache=cache,
+            )  # fmt: skip
+            view = cache.append(k, v, key_padding_mask)
+            visible = view.visible[None]
+            if view.key_padding_mask is not None:
+                visible = visible & ~view.key_padding_mask[:, None, None, :]
+            qpos = torch.arange(offset, offset + T, device=q.device)
+            bias = self.alibi.bias(qpos, view.positions, dtype=torch.promote_types(q.dtype, torch.float32))
+            out, _ = masked_biased_attention(
+                q, view.keys, view.values, scale=a.scale_for(self.head_dim), visible=visible, bias=bias[None]
+            )
+        out, _ = self._finish(out, None, B, T, E, True)
+        return (out if self.batch_first else out.transpose(0, 1)), None
 
     def _forward_nested(
         self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
@@ -403,8 +472,9 @@ class MultiheadAttention(nn.Module):
             out, weights = res if need_weights else (res, None)
         return self._finish(out, weights, B, Nq, E, average)
 
-    def _project(self, query, key, value):
-        """Checked batch-first inputs → q ``(B, H, Nq, D)``, k/v ``(B, Hkv, Nk, D)`` with positions applied."""
+    def _project(self, query, key, value, offset: int = 0):
+        """Checked batch-first inputs → q ``(B, H, Nq, D)``, k/v ``(B, Hkv, Nk, D)`` with positions
+        applied; keys sit at positions ``offset .. offset + Nk − 1`` (``offset``: a cache's length)."""
         B, Nq, E = query.shape
         Nk = key.shape[1]
         if E != self.embed_dim or key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
@@ -421,15 +491,18 @@ class MultiheadAttention(nn.Module):
         q_in, k_in = query, key
         if self.positional == "sinusoidal":
             q_in = query + sinusoidal_encoding(
-                Nq, E, base=self.rope_base, offset=causal_offset(Nq, Nk), device=query.device, dtype=query.dtype
+                Nq, E, base=self.rope_base, offset=offset + causal_offset(Nq, Nk), device=query.device,
+                dtype=query.dtype,
+            )  # fmt: skip
+            k_in = key + sinusoidal_encoding(
+                Nk, self.kdim, base=self.rope_base, offset=offset, device=key.device, dtype=key.dtype
             )
-            k_in = key + sinusoidal_encoding(Nk, self.kdim, base=self.rope_base, device=key.device, dtype=key.dtype)
         (w_q, b_q), (w_k, b_k), (w_v, b_v) = self._projections()
         q = F.linear(q_in, w_q, b_q).reshape(B, Nq, H, D).transpose(1, 2)
         k = F.linear(k_in, w_k, b_k).reshape(B, Nk, Hkv, D).transpose(1, 2)
         v = F.linear(value, w_v, b_v).reshape(B, Nk, Hkv, D).transpose(1, 2)
         if self.rotary is not None:
-            q, k = self.rotary(q, k)
+            q, k = self.rotary(q, k, offset=offset)
         return q, k, v
 
     def _masks(self, key_padding_mask, attn_mask, is_causal, B, Nq, Nk, device) -> _Masks:

@@ -126,5 +126,7 @@ add(
         supports=Supports(dropout=True),
         module=AdditiveAttention,
         default_scale=1.0,
+        cache_family="kv",
+        examples=({"head_dim": 8, "hidden_dim": 4},),
     )
 )

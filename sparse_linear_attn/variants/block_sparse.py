@@ -42,7 +42,7 @@ from ..backends.sdpa import masked_sdpa, open_empty_rows
 from ..backends.tiles import tile_attention, use_bmm_tiles
 from ..errors import ParameterError, unknown_name_message
 from ..inputs import causal_offset, full_visibility
-from ..patterns import PATTERNS, shared_pattern_layout
+from ..patterns import PATTERNS, pattern_rule, shared_pattern_layout
 from ..registry import SEED_RANGE, Impl, Param, Supports, VariantSpec, add, int_at_least
 
 #: Elements of the gathered key (and value) tiles built at once, on CPU without autograd. Small
@@ -94,6 +94,27 @@ def resolve_layout(nq: int, nk: int, *, causal: bool, heads: int | None = None, 
     names = ("num_local_blocks", "num_global_blocks", "num_random_blocks", "stride", "seed")
     return shared_pattern_layout(
         params.get("pattern") or "local", nqb, nkb, causal=causal, **{n: params[n] for n in names if n in params}
+    )
+
+
+def layout_rows(query_blocks: torch.Tensor, nk_blocks: int, **params) -> torch.Tensor:
+    """Rows ``query_blocks`` of the causal layout of a call with ``Nq == Nk``, over key blocks
+    ``0 .. nk_blocks − 1``: bool ``(len, nk_blocks)`` or ``(H, len, nk_blocks)`` for a per-head
+    ``layout``. For a named pattern a row does not depend on the sequence length
+    (:func:`~sparse_linear_attn.patterns.pattern_rule`), so a decoding step gets the rows the
+    one-shot call uses; a given ``layout`` must be square and cover the blocks asked for.
+    """
+    lay = params.get("layout")
+    if lay is not None:
+        lay = torch.as_tensor(lay)
+        return lay[..., query_blocks.to(lay.device), :nk_blocks].cpu()
+    names = ("num_local_blocks", "num_global_blocks", "num_random_blocks", "stride", "seed")
+    return pattern_rule(
+        params.get("pattern") or "local",
+        query_blocks,
+        nk_blocks,
+        causal=True,
+        **{n: params[n] for n in names if n in params},
     )
 
 
@@ -578,5 +599,15 @@ add(
         mask_fn=block_sparse_mask,
         visible_keys=block_sparse_visible_keys,
         check_params=_check_params,
+        cache_family="block_sparse",
+        # Each named pattern, block sizes that do and do not divide N = 16, 24, 40. (A per-head
+        # layout depends on N, so it has no example here; tests/test_block_sparse.py covers it.)
+        examples=(
+            {"block_size": 4, "pattern": "local", "num_local_blocks": 2},
+            {"block_size": 8, "pattern": "strided", "stride": 2},
+            {"block_size": 5, "pattern": "fixed", "num_local_blocks": 2, "num_global_blocks": 1},
+            {"block_size": 6, "pattern": "longformer", "num_local_blocks": 1, "num_global_blocks": 1},
+            {"block_size": 4, "pattern": "bigbird", "num_local_blocks": 1, "num_random_blocks": 2, "seed": 3},
+        ),
     )
 )

@@ -116,6 +116,7 @@ add(
         supports=Supports(dropout=True),
         impls=dict(IMPLS),
         visible_keys=full_visible_keys,
+        cache_family="kv",
     )
 )
 
@@ -129,5 +130,6 @@ add(
         impls=dict(IMPLS),
         default_scale=1.0,
         visible_keys=full_visible_keys,
+        cache_family="kv",
     )
 )
