@@ -92,6 +92,10 @@ class FeatureMap:
     def __call__(self, x: torch.Tensor, ctx: FeatureContext, *, is_query: bool) -> torch.Tensor:
         raise NotImplementedError
 
+    def check_scale(self, scale: float) -> str | None:
+        """What is wrong with this attention ``scale`` for the map (``None``: it can use it)."""
+        return None
+
     def apply_(self, x: torch.Tensor, ctx: FeatureContext, *, is_query: bool) -> torch.Tensor:
         """Like ``__call__`` but free to overwrite ``x`` (a scratch buffer the caller owns).
 
@@ -127,12 +131,21 @@ class ReluMap(FeatureMap):
         return x.clamp_min_(0.0)
 
 
+def _needs_root(name: str, scale: float) -> str | None:
+    if scale < 0:
+        return f"feature map {name!r} maps x·scale^½, so it needs scale >= 0 (it estimates exp(q·k·scale))"
+    return None
+
+
 class TaylorMap(FeatureMap):
     name = "taylor"
     doc = "[1, x, vec(x⊗x)/√2] on x·scale^½ so φ(q)·φ(k) = 1 + s + s²/2 (Based); M = 1 + D + D²"
 
     def dim(self, head_dim, num_features):
         return 1 + head_dim + head_dim * head_dim
+
+    def check_scale(self, scale):
+        return _needs_root(self.name, scale)
 
     def __call__(self, x, ctx, *, is_query):
         x = x * math.sqrt(ctx.scale)
@@ -173,6 +186,9 @@ class FavorMap(FeatureMap):
 
     def dim(self, head_dim, num_features):
         return num_features
+
+    def check_scale(self, scale):
+        return _needs_root(self.name, scale)
 
     def prepare(self, k, *, scale, num_features, seed, key_padding_mask, work_dtype):
         w = _projection_cached(k.shape[-1], num_features, seed).to(device=k.device, dtype=work_dtype)

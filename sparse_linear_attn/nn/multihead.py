@@ -14,11 +14,13 @@ What decides how a call runs:
 * causal (``is_causal=True``, an ``attn_mask`` equal to the causal mask, or ``causal: true``
   in the attention config) and ``key_padding_mask`` go to the variant itself, so every
   variant — linear ones included — keeps its own cost;
-* an arbitrary ``attn_mask``, a float mask with finite non-zero entries, ALiBi, or attention
-  dropout in training need a score matrix. Exact variants (``full``, ``dot_product`` and exact
-  sparse patterns) run them through one dense masked path — the variant's own pattern
-  (``sla.dense_mask``) combined with the mask — in O(Nq·Nk) memory; other variants refuse
-  them with an error that says so.
+* attention dropout in training goes to the variant too (``dropout_p``) when it supports it
+  (``sla.describe(name).dropout``: ``full``, ``dot_product``, ``sliding_window``,
+  ``block_sparse`` and ``additive`` drop weights inside their own tiles);
+* an arbitrary ``attn_mask``, a float mask with finite non-zero entries, ALiBi, or dropout for
+  an exact variant that does not apply it itself need a score matrix. Exact variants run them
+  through one dense masked path — the variant's own pattern (``sla.dense_mask``) combined with
+  the mask — in O(Nq·Nk) memory; other variants refuse them with an error that says so.
 """
 
 from __future__ import annotations
@@ -98,7 +100,9 @@ class MultiheadAttention(nn.Module):
 
     Args (those shared with ``nn.MultiheadAttention`` keep its meaning and positional order):
         embed_dim, num_heads: model width ``E`` and query heads ``H`` (``head_dim = E // H``).
-        dropout: dropout on the attention weights in training (exact variants only).
+        dropout: dropout on the attention weights in training (variants with
+            ``sla.describe(name).dropout``, and exact ones on the dense path); may also come as
+            ``dropout`` in the attention config.
         bias: biases on the input and output projections.
         add_bias_kv, add_zero_attn: append a learned / a zero key-value pair to the keys.
         kdim, vdim: feature sizes of ``key`` and ``value`` (default ``E``).
@@ -113,7 +117,7 @@ class MultiheadAttention(nn.Module):
         rope_base: the RoPE/sinusoidal frequency base.
 
     Cost: the projections O(N·E²) plus the variant's own cost; O(Nq·Nk) memory whenever the
-    dense path runs (arbitrary masks, ALiBi, dropout, ``need_weights=True``).
+    dense path runs (arbitrary masks, ALiBi, ``need_weights=True``).
     """
 
     __constants__ = ["batch_first"]
@@ -173,13 +177,14 @@ class MultiheadAttention(nn.Module):
         config = _attention_config(attention)
         spec = registry.get(config.variant)
         if "head_dim" in spec.params and "head_dim" not in config.params:
-            config = AttentionConfig(
-                config.variant,
-                config.causal,
-                config.scale,
-                config.backend,
-                {**config.params, "head_dim": self.head_dim},
-            )
+            config = replace(config, params={**config.params, "head_dim": self.head_dim})
+        if config.dropout:
+            if self.dropout and self.dropout != config.dropout:
+                raise ValueError(
+                    f"attention dropout given twice: dropout={dropout} and the attention config's "
+                    f"dropout={config.dropout}; give it once"
+                )
+            self.dropout = config.dropout
         self.attn = AttentionModule(config)
         self.spec = spec
 
@@ -191,17 +196,18 @@ class MultiheadAttention(nn.Module):
                     f"score to bias. Use positional='rope' (works with every variant) or an exact "
                     f"variant ({', '.join(_dense_variants())})."
                 )
-            if self.dropout > 0.0:
+            if self.dropout > 0.0 and not spec.supports.dropout:
                 raise ValueError(
-                    f"dropout={dropout} drops attention weights, but {why}, so it has no weight "
+                    f"dropout={self.dropout} drops attention weights, but {why}, so it has no weight "
                     f"matrix to drop. Pass dropout=0.0 (swap_attention(..., dropout=0.0) does it "
                     f"for every layer) and regularise elsewhere."
                 )
-        elif self.dropout > 0.0 and spec.mask_fn is not None:
+        elif self.dropout > 0.0 and not spec.supports.dropout and spec.mask_fn is not None:
             raise ValueError(
-                f"dropout={dropout} drops attention weights, which for variant {spec.name!r} needs the "
-                f"dense O(Nq·Nk) path in every training step and loses its sparsity. Pass dropout=0.0 "
-                f"(swap_attention(..., dropout=0.0) does it for every layer) and regularise elsewhere."
+                f"dropout={self.dropout} drops attention weights; variant {spec.name!r} does not apply "
+                f"dropout itself, so it would need the dense O(Nq·Nk) path in every training step and "
+                f"lose its sparsity. Pass dropout=0.0 (swap_attention(..., dropout=0.0) does it for "
+                f"every layer) and regularise elsewhere."
             )
         if positional == "rope" and self.head_dim % 2:
             raise ValueError(
@@ -393,7 +399,8 @@ class MultiheadAttention(nn.Module):
         offset = cache.seq_len
         q, k, v = self._project(query, key, value, offset=offset)
         if self.alibi is None:
-            out = self.attn(q, k, v, key_padding_mask=key_padding_mask, causal=True, cache=cache)
+            dropout_p = self.dropout if self.training else 0.0  # refused with a cache: decode in eval()
+            out = self.attn(q, k, v, key_padding_mask=key_padding_mask, causal=True, cache=cache, dropout_p=dropout_p)
         else:
             # ALiBi biases scores, which the variants do not take: the dense path over the keys
             # the cache shows, with distances from their positions.
@@ -459,7 +466,9 @@ class MultiheadAttention(nn.Module):
                     f"nn.TransformerEncoderLayer already passes False)"
                 )
             kpm = None if masks.kp_visible is None else ~masks.kp_visible[:, 0, 0, :]
-            res = self.attn(q, k, v, key_padding_mask=kpm, return_weights=need_weights, causal=masks.causal)
+            res = self.attn(
+                q, k, v, key_padding_mask=kpm, return_weights=need_weights, causal=masks.causal, dropout_p=dropout_p
+            )
             out, weights = res if need_weights else (res, None)
         return self._finish(out, weights, B, Nq, E, average)
 
@@ -572,7 +581,10 @@ class MultiheadAttention(nn.Module):
                 ("an arbitrary attn_mask", masks.am_visible is not None),
                 ("a float mask with finite non-zero entries (a score bias)", masks.bias() is not None),
                 ("positional='alibi'", self.alibi is not None),
-                (f"attention dropout ({self.dropout}) in training", dropout_p > 0.0),
+                (
+                    f"attention dropout ({self.dropout}) in training",
+                    dropout_p > 0.0 and not self.spec.supports.dropout,
+                ),
                 ("add_bias_kv/add_zero_attn with a causal mask", extra and masks.am_visible is not None),
                 # The appended keys sit outside the pattern (visible to every query): dense path.
                 ("add_bias_kv/add_zero_attn with a patterned variant", extra and self.spec.mask_fn is not None),

@@ -32,13 +32,14 @@ output is returned in the input dtype.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from ..feature_maps import FeatureContext, FeatureMap, check_feature_map, get_feature_map
 from ..inputs import full_visibility, repeat_kv
-from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least
+from ..registry import SEED_RANGE, Impl, Param, Supports, VariantSpec, add, int_at_least, is_bool
 
 #: Floats of per-group workspace (features, scores, per-chunk states) the causal path aims at
 #: without autograd (small groups stay in cache), and with it (fewer, larger autograd nodes
@@ -263,7 +264,8 @@ def _causal_rows(feats: _Features, qg, k, v, state, *, chunk_size: int, k0: int,
     """
     B, Hkv, G, N, D = qg.shape
     Dv, M = v.shape[-1], state.shape[-2]
-    C = chunk_size
+    # A chunk longer than the sequence only adds padding (a C×C block per chunk): clamp it.
+    C = max(1, min(chunk_size, N))
     work = feats.work
     if not grad:
         if out is None:
@@ -403,6 +405,19 @@ def _causal_inference(feats: _Features, qg, k, v, state, out, C: int, k0: int) -
 # Registration.
 
 
+#: Why linear attention takes no ``dropout_p`` (shown by ``sla.describe``).
+NO_DROPOUT = (
+    "no attention dropout: dropout drops softmax weights, and linear attention never forms its "
+    "weight matrix (it sums φ(K)ᵀV first, which is where its O(N) cost comes from), so there is no "
+    "weight to drop; regularise elsewhere (dropout on the layer's output or projections)"
+)
+
+
+def _check_scale(scale: float, params) -> str | None:
+    """Maps that take ``scale``'s root (favor, taylor) need it non-negative; performer is favor."""
+    return get_feature_map(params.get("feature_map", "favor")).check_scale(scale)
+
+
 def _params(feature_map: bool) -> dict[str, Param]:
     out = {}
     if feature_map:
@@ -414,23 +429,18 @@ def _params(feature_map: bool) -> dict[str, Param]:
         )
     out.update(
         num_features=Param("num_features", 256, "M, random features of favor (ignored by the others)", int_at_least(1)),
-        seed=Param("seed", 0, "seed of favor's random projection (same seed, same features)", int_at_least(0)),
-        chunk_size=Param("chunk_size", 64, "C, positions per chunk of the causal chunkwise form", int_at_least(1)),
+        seed=Param("seed", 0, "seed of favor's random projection (same seed, same features)", SEED_RANGE),
+        chunk_size=Param(
+            "chunk_size", 64, "C, positions per chunk of the causal chunkwise form (at most N)", int_at_least(1)
+        ),
         redraw=Param(
             "redraw",
             False,
             "favor: draw a fresh projection on every call that builds a graph (training)",
-            lambda x: None if isinstance(x, bool) else f"expected True or False, got {type(x).__name__}",
+            is_bool,
         ),
     )
     return out
-
-
-def _as_performer(fn):
-    def run(q, k, v, **kw):
-        return fn(q, k, v, feature_map="favor", **kw)
-
-    return run
 
 
 add(
@@ -442,7 +452,12 @@ add(
         params=_params(feature_map=True),
         supports=Supports(),
         cache_family="recurrent",
-        impls={"torch": Impl(linear_chunked), "math": Impl(linear_reference)},
+        impls={
+            "torch": Impl(linear_chunked, double_backward=True),
+            "math": Impl(linear_reference, double_backward=True),
+        },
+        check_scale=_check_scale,
+        notes=(NO_DROPOUT,),
         # Each feature map; chunks shorter than N, ragged and not (N = 16, 24, 40).
         examples=(
             {"feature_map": "elu", "chunk_size": 5},
@@ -462,7 +477,12 @@ add(
         params=_params(feature_map=False),
         supports=Supports(),
         cache_family="performer",
-        impls={"torch": Impl(_as_performer(linear_chunked)), "math": Impl(_as_performer(linear_reference))},
+        impls={
+            "torch": Impl(partial(linear_chunked, feature_map="favor"), double_backward=True),
+            "math": Impl(partial(linear_reference, feature_map="favor"), double_backward=True),
+        },
+        check_scale=_check_scale,
+        notes=(NO_DROPOUT,),
         examples=(
             {"num_features": 16, "chunk_size": 5},
             {"num_features": 7, "seed": 2, "chunk_size": 16},
