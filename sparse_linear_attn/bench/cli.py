@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import distributed as distributed_bench
+from .decode import add_decode_parser, cmd_decode
+from .distributed import add_distributed_parser, cmd_distributed
 from .spec import BenchVariant, load_study, make_variant, parse_seq_lens, parse_variant_spec, variant_from_entry
 
 #: Variants of a bare ``sla-bench run``, each included when registered; the parameters are
@@ -123,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: next to RESULTS)")
 
     sub.add_parser("list", help="registered variants, their parameters and cost; the backend table")
-    distributed_bench.add_parser(sub)
+    add_decode_parser(sub)
+    add_distributed_parser(sub)
     return ap
 
 
@@ -350,9 +352,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "plot": cmd_plot, "list": cmd_list, "distributed": distributed_bench.cmd}[args.command](
-            args
-        )
+        commands = {"run": cmd_run, "plot": cmd_plot, "list": cmd_list, "decode": cmd_decode}
+        commands["distributed"] = cmd_distributed
+        return commands[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"sla-bench {args.command}: error: {e}", file=sys.stderr)
         return 2

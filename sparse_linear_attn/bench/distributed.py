@@ -54,7 +54,7 @@ DEFAULTS: dict[str, Any] = dict(
 )
 
 
-def add_parser(sub) -> None:
+def add_distributed_parser(sub) -> None:
     """The ``distributed`` subcommand of ``sla-bench``."""
     p = sub.add_parser(
         "distributed",
@@ -344,7 +344,7 @@ def summary(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def cmd(args: argparse.Namespace) -> int:
+def cmd_distributed(args: argparse.Namespace) -> int:
     cfg = settings(args)
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
