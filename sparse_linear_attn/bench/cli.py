@@ -352,8 +352,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        commands = {"run": cmd_run, "plot": cmd_plot, "list": cmd_list, "decode": cmd_decode}
-        commands["distributed"] = cmd_distributed
+        commands = {
+            "run": cmd_run,
+            "plot": cmd_plot,
+            "list": cmd_list,
+            "decode": cmd_decode,
+            "distributed": cmd_distributed,
+        }
         return commands[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"sla-bench {args.command}: error: {e}", file=sys.stderr)
