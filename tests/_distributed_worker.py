@@ -277,6 +277,7 @@ def _errors(sla, world: int, rank: int) -> dict[str, str]:
         "unknown_strategy": lambda: dist.attention(q, k, v, "full", strategy="rign"),
         "wrong_strategy": lambda: dist.attention(q, k, v, "sliding_window", window=2, strategy="ring"),
         "unknown_layout": lambda: dist.attention(q, k, v, "full", layout="zig"),
+        "no_weights": lambda: dist.attention(q, k, v, "full", return_weights=True),
         "misaligned_blocks": lambda: dist.attention(q, k, v, "block_sparse", block_size=4, strategy="allgather"),
     }
     out = {}

@@ -82,6 +82,7 @@ EXPECTED = {
     "wrong_strategy": ("StrategyError", "serves dot_product, full only"),
     "unknown_layout": ("UnknownNameError", "zigzag"),
     "misaligned_blocks": ("StrategyError", "multiple of block_size=4"),
+    "no_weights": ("ParameterError", "does not take return_weights="),
 }
 
 

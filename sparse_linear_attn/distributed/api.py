@@ -90,8 +90,20 @@ def fingerprint(obj: Any) -> int:
 _BLOCK_LAYOUT = "block_layout"
 
 
+#: Keywords of ``sla.attention`` this call does not take (they would read as variant parameters).
+_NOT_HERE = {
+    "return_weights": "the (B, H, N, N) weights of a sharded sequence are not gathered",
+    "backend": "each rank's local work picks its backend itself (auto)",
+    "dropout_p": "attention dropout is not supported across ranks",
+    "cache": "decoding caches are single-process",
+}
+
+
 def _local_checks(q, k, v, variant, causal, layout, strategy, key_padding_mask, scale, params):
     """Every check a rank can make alone; returns the facts to agree on and the resolved call."""
+    for name, why in _NOT_HERE.items():
+        if name in params:
+            raise ParameterError(f"sla.distributed.attention does not take {name}=: {why}")
     spec = registry.get(variant)
     check_layout_name(layout)
     check_strategy_name(strategy)
