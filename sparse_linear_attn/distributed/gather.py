@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import api
+from ..variants.block_sparse import resolve_layout
 from . import comm
 from .plan import Setup, global_mask
 
@@ -121,8 +122,6 @@ def _merge_ranges(cols: list[int], bs: int, n: int) -> list[tuple[int, int]]:
 
 
 def _run_blocks(setup: Setup, q, k, v, key_padding_mask):
-    from ..variants.block_sparse import resolve_layout
-
     g, bs, N = setup.g, _block_size(setup), setup.total
     layout = resolve_layout(N, N, causal=setup.causal, heads=setup.heads, **setup.params).cpu()
     per_rank = [_block_columns(setup, r, layout) for r in range(g.world)]
