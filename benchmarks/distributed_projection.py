@@ -13,8 +13,8 @@ Nothing here is measured on a GPU (none was available). The projection combines:
 
     python benchmarks/distributed_projection.py --measured bench-out/distributed.jsonl
 
-prints a markdown table: per strategy, sequence length and GPU count, the compute time, the
-communication time, the projected time per layer (forward) and what limits it.
+prints a markdown table: per strategy and sequence length, the projected time per layer (forward)
+on 8–64 GPUs with its compute and communication parts, and what limits it.
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ def all_to_all_seconds(bytes_per_rank: float, world: int) -> float:
     """All-to-all: the share leaving the node goes over the network, the rest over NVLink."""
     hw = HARDWARE
     off_node = max(0, world - hw["gpus_per_node"]) / world
-    return bytes_per_rank * (
-        off_node / hw["network_bytes_per_s"] + (1 - off_node) / hw["nvlink_bytes_per_s"]
-    ) + hw["hop_latency_s"] * math.log2(max(2, world))
+    return bytes_per_rank * (off_node / hw["network_bytes_per_s"] + (1 - off_node) / hw["nvlink_bytes_per_s"]) + hw[
+        "hop_latency_s"
+    ] * math.log2(max(2, world))
 
 
 def project(strategy: str, n_total: int, world: int, ring_kernel_factor: float) -> dict[str, float | str]:
@@ -87,9 +87,11 @@ def project(strategy: str, n_total: int, world: int, ring_kernel_factor: float) 
         w = m["window"]
         flops = 4 * n_total * (w + 1) * H * D / world
         compute = flops / hw["window_attention_flops"]
-        comm = min(w, n) * B * Hkv * 2 * D * s / link(world) + lat * math.ceil(w / n)
+        # The w keys before each chunk (two chunks per GPU with zigzag), from ceil(w / chunk) GPUs.
+        chunk = n / 2
+        comm = 2 * w * B * Hkv * 2 * D * s / link(world) + lat * math.ceil(w / chunk)
         total = compute + comm
-        limit = "compute (window keys only cross one boundary)"
+        limit = "compute (only window keys cross)" if compute >= comm else "fetching the window's keys"
     elif strategy == "scan":
         C = 64
         flops = 4 * n_total * H * (C * D + D * D) / world  # chunkwise: intra-chunk + state products
@@ -134,16 +136,21 @@ def main() -> None:
         f"Forward, causal, zigzag; B={m['batch']} H={m['heads']} Hkv={m['kv_heads']} D={m['head_dim']} bf16, "
         f"window {m['window']}; ring kernel factor {factor:.2f} (measured on CPU)\n"
     )
-    print("| strategy | N | GPUs | compute ms | comm ms | time/layer ms | limited by |")
-    print("|---|---|---|---|---|---|---|")
+    worlds = (8, 16, 32, 64)
+    print("Time per layer in ms, as total (compute + communication; ring: the larger of the two).\n")
+    print("| strategy | N | " + " | ".join(f"{w} GPUs" for w in worlds) + " | limited by (at 64 GPUs) |")
+    print("|---|---|" + "---|" * len(worlds) + "---|")
     for strategy in ("ring", "ulysses", "halo", "scan", "allgather"):
         for n_total in (128 * 1024, 512 * 1024, 1024 * 1024):
-            for world in (8, 16, 32, 64):
+            cells, limit = [], ""
+            for world in worlds:
                 p = project(strategy, n_total, world, factor)
-                print(
-                    f"| {strategy} | {n_total // 1024}K | {world} | {p['compute_ms']:.2f} | {p['comm_ms']:.2f} | "
-                    f"{p['total_ms']:.2f} | {p['limit']} |"
-                )
+                if math.isnan(p["total_ms"]):
+                    cells.append("—")
+                else:
+                    cells.append(f"{p['total_ms']:.3g} ({p['compute_ms']:.3g} + {p['comm_ms']:.3g})")
+                limit = str(p["limit"])
+            print(f"| {strategy} | {n_total // 1024}K | " + " | ".join(cells) + f" | {limit} |")
 
 
 if __name__ == "__main__":

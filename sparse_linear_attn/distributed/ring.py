@@ -44,21 +44,16 @@ def _relation(qc: Chunk, kc: Chunk, causal: bool) -> str:
     return "partial"
 
 
-def _step_plan(setup: Setup, src: int):
-    """For each of this rank's query chunks: the chunks of ``src``'s K/V it sees (skipping
-    chunks it sees nothing of), and whether a causal mask is needed."""
+def _step_plan(setup: Setup, src: int) -> list[tuple[Chunk, Chunk, bool]]:
+    """The pairs (query chunk of this rank, key chunk of ``src``) that see anything of each other
+    (pairs that see nothing under ``causal`` are skipped), and whether the pair needs a causal mask."""
     plan = []
     for qc in setup.chunks:
-        seen = [(kc, _relation(qc, kc, setup.causal)) for kc in setup.layout.chunks(src)]
-        seen = [(kc, rel) for kc, rel in seen if rel != "none"]
-        if seen:
-            plan.append((qc, [kc for kc, _ in seen], any(rel == "partial" for _, rel in seen)))
+        for kc in setup.layout.chunks(src):
+            rel = _relation(qc, kc, setup.causal)
+            if rel != "none":
+                plan.append((qc, kc, rel == "partial"))
     return plan
-
-
-def _select(x: torch.Tensor, chunks: list[Chunk], dim: int) -> torch.Tensor:
-    parts = [x.narrow(dim, c.local, c.length) for c in chunks]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def _tiles(setup: Setup, qc: Chunk, keys: int):
@@ -67,27 +62,29 @@ def _tiles(setup: Setup, qc: Chunk, keys: int):
         yield t0, min(qc.length, t0 + rows)
 
 
-def _tile_mask(qc: Chunk, t0: int, t1: int, kpos, partial: bool, pad, groups: int):
-    """Bool ``(B|1, 1, G·T, m)`` (True = visible) for rows ``t0:t1`` of chunk ``qc``, or None."""
+def _seen(qc: Chunk, kc: Chunk, t1: int, partial: bool) -> int:
+    """How many keys of ``kc`` rows ``..t1`` of ``qc`` can see at all: causal tiles stop at their
+    last row's position, so the future part of a diagonal block is never computed."""
+    if not partial:
+        return kc.length
+    return max(0, min(kc.length, qc.start + t1 - kc.start))
+
+
+def _tile_mask(qc: Chunk, kc: Chunk, t0: int, t1: int, m: int, partial: bool, pad, groups: int, device):
+    """Bool ``(B|1, 1, G·T, m)`` (True = visible) for rows ``t0:t1`` of ``qc`` over the first ``m``
+    keys of ``kc``, or None when every pair is visible."""
     mask = None
     if partial:
-        qpos = torch.arange(qc.start + t0, qc.start + t1, device=kpos.device)
+        qpos = torch.arange(qc.start + t0, qc.start + t1, device=device)
+        kpos = torch.arange(kc.start, kc.start + m, device=device)
         mask = (kpos[None, :] <= qpos[:, None])[None]  # (1, T, m)
     if pad is not None:
-        keep = ~pad[:, None, :]  # (B, 1, m)
+        keep = ~pad[:, None, kc.local : kc.local + m]  # (B, 1, m)
         mask = keep if mask is None else mask & keep
     if mask is None:
         return None
-    b, t, m = mask.shape[0], t1 - t0, mask.shape[-1]
+    b, t = mask.shape[0], t1 - t0
     return mask[:, None, None].expand(b, 1, groups, t, m).reshape(b, 1, groups * t, m)
-
-
-def _seen(kpos: torch.Tensor, qc: Chunk, t1: int, partial: bool) -> int:
-    """How many of the (ascending) keys rows ``..t1`` of ``qc`` can see at all: causal tiles
-    stop at their last row's position, so the future part of a diagonal block is never computed."""
-    if not partial:
-        return kpos.numel()
-    return int(torch.searchsorted(kpos, qc.start + t1 - 1, right=True))
 
 
 def _rows(x: torch.Tensor, qc: Chunk, t0: int, t1: int) -> torch.Tensor:
@@ -101,16 +98,15 @@ def _forward_step(setup: Setup, qg, keys, values, src: int, out, lse, started: s
     (A function of its own, so that its views of the block die before the next one arrives.)"""
     B, Hkv, G = qg.shape[:3]
     Dv = out.shape[-1]
-    for qc, kcs, partial in _step_plan(setup, src):
-        ks = _select(keys, kcs, 2).to(setup.work_dtype)
-        vs = _select(values, kcs, 2).to(setup.work_dtype)
-        kpos = torch.cat([torch.arange(c.start, c.stop, device=qg.device) for c in kcs])
-        pad = None if masks is None else _select(masks[src], kcs, 1)
-        for t0, t1 in _tiles(setup, qc, ks.shape[2]):
-            m = _seen(kpos, qc, t1, partial)
+    pad = None if masks is None else masks[src]
+    for qc, kc, partial in _step_plan(setup, src):
+        ks = keys.narrow(2, kc.local, kc.length).to(setup.work_dtype)
+        vs = values.narrow(2, kc.local, kc.length).to(setup.work_dtype)
+        for t0, t1 in _tiles(setup, qc, kc.length):
+            m = _seen(qc, kc, t1, partial)
             if m == 0:
                 continue
-            mask = _tile_mask(qc, t0, t1, kpos[:m], partial, None if pad is None else pad[:, :m], G)
+            mask = _tile_mask(qc, kc, t0, t1, m, partial, pad, G, qg.device)
             o, ell = partial_attention(_rows(qg, qc, t0, t1), ks[:, :, :m], vs[:, :, :m], scale=setup.scale, mask=mask)
             rows = slice(qc.local + t0, qc.local + t1)
             o, ell = o.reshape(B, Hkv, G, t1 - t0, Dv), ell.reshape(B, Hkv, G, t1 - t0)
@@ -166,17 +162,16 @@ def _backward_step(setup: Setup, qg, do, lse, delta, keys, values, src: int, dq,
     B, Hkv, G, _, D = qg.shape
     work = setup.work_dtype
     dkv = torch.zeros(B, Hkv, keys.shape[2], D + values.shape[-1], dtype=work, device=qg.device)
-    for qc, kcs, partial in _step_plan(setup, src):
-        ks = _select(keys, kcs, 2).to(work)
-        vs = _select(values, kcs, 2).to(work)
-        kpos = torch.cat([torch.arange(c.start, c.stop, device=qg.device) for c in kcs])
-        pad = None if masks is None else _select(masks[src], kcs, 1)
-        dsel = torch.zeros(B, Hkv, ks.shape[2], dkv.shape[-1], dtype=work, device=qg.device)
-        for t0, t1 in _tiles(setup, qc, ks.shape[2]):
-            m = _seen(kpos, qc, t1, partial)
+    pad = None if masks is None else masks[src]
+    for qc, kc, partial in _step_plan(setup, src):
+        ks = keys.narrow(2, kc.local, kc.length).to(work)
+        vs = values.narrow(2, kc.local, kc.length).to(work)
+        dkc = dkv.narrow(2, kc.local, kc.length)
+        for t0, t1 in _tiles(setup, qc, kc.length):
+            m = _seen(qc, kc, t1, partial)
             if m == 0:
                 continue
-            mask = _tile_mask(qc, t0, t1, kpos[:m], partial, None if pad is None else pad[:, :m], G)
+            mask = _tile_mask(qc, kc, t0, t1, m, partial, pad, G, qg.device)
             rows = slice(qc.local + t0, qc.local + t1)
             dqt, dkt, dvt = _tile_grads(
                 _rows(qg, qc, t0, t1),
@@ -189,12 +184,8 @@ def _backward_step(setup: Setup, qg, do, lse, delta, keys, values, src: int, dq,
                 setup.scale,
             )
             dq[:, :, :, rows] += dqt.reshape(B, Hkv, G, t1 - t0, D)
-            dsel[:, :, :m, :D] += dkt
-            dsel[:, :, :m, D:] += dvt
-        at = 0
-        for c in kcs:
-            dkv[:, :, c.local : c.local + c.length] += dsel[:, :, at : at + c.length]
-            at += c.length
+            dkc[:, :, :m, :D] += dkt
+            dkc[:, :, :m, D:] += dvt
     return dkv
 
 
