@@ -17,10 +17,12 @@ rule ``P = e^{S − ℓ}``, ``dS = P ⊙ (dP − rowsum(dO ⊙ O))``): the K/V b
 ring again, and with each goes the running sum of its ``dK``/``dV`` (in the work dtype), which
 arrives back at its owner after the last step.
 
-Cost per rank: O(N²·D/W) time (about half under causal with zigzag); memory O(N/W·(D + Dv))
-plus one score tile of ``TILE_ELEMENTS``. Communication per rank: forward ``(W−1)·|K+V|/W``
-bytes sent, backward ``(W−1)·|K+V|/W`` plus ``W·|dK+dV|/W`` (work dtype), where ``|K+V|`` is
-the whole sequence's keys and values.
+Cost per rank: O(N²·D/W) time (about half under causal with zigzag). Memory per rank, all
+O(N/W): the K/V block in use and the next one arriving (sent as they are, never copied into one
+buffer), the output and log-sum-exp in the work dtype, one score tile of ``TILE_ELEMENTS``;
+backward adds the block's running ``dK, dV`` sum in flight and the one arriving. Communication
+per rank: forward ``(W−1)·|KV|``, backward ``(W−1)·|KV| + W·|dKV|`` bytes sent, where ``|KV|``
+is one rank's keys and values and ``|dKV|`` their gradients in the work dtype.
 """
 
 from __future__ import annotations
@@ -116,6 +118,15 @@ def _forward_step(setup: Setup, qg, keys, values, src: int, out, lse, started: s
         started.add(qc.local)
 
 
+def _pass_on(g, k: torch.Tensor, v: torch.Tensor, incoming: int) -> comm.Pending:
+    """Send this K/V block to the next rank and receive the previous rank's (``incoming``
+    positions): two messages each way, so the block is never copied into one buffer."""
+    nxt, prv = (g.rank + 1) % g.world, (g.rank - 1) % g.world
+    shape_k, shape_v = list(k.shape), list(v.shape)
+    shape_k[2] = shape_v[2] = incoming
+    return comm.post(g, [(nxt, k), (nxt, v)], [(prv, k.new_empty(shape_k)), (prv, v.new_empty(shape_v))], tag=3)
+
+
 def _forward(setup: Setup, q, k, v, masks):
     g, lay = setup.g, setup.layout
     B, H, n, D = q.shape
@@ -125,22 +136,13 @@ def _forward(setup: Setup, q, k, v, masks):
     qg = q.reshape(B, Hkv, G, n, D).to(work)
     out = torch.zeros(B, Hkv, G, n, Dv, dtype=work, device=q.device)
     lse = torch.full((B, Hkv, G, n), float("-inf"), dtype=work, device=q.device)
-    # One message per step: keys and values travel together (not needed without other ranks).
-    kv = torch.cat([k, v], dim=-1).contiguous() if g.world > 1 else None
-    nxt, prv = (g.rank + 1) % g.world, (g.rank - 1) % g.world
     started: set[int] = set()  # query chunks (by local offset) that some step has written
     for t in range(g.world):
         src = (g.rank - t) % g.world
-        pending = None
-        if kv is not None and t < g.world - 1:
-            buf = kv.new_empty(B, Hkv, lay.lengths[(src - 1) % g.world], D + Dv)
-            pending = comm.post(g, [(nxt, kv)], [(prv, buf)], tag=3)
-            del buf
-        keys, values = (k, v) if kv is None else (kv[..., :D], kv[..., D:])
-        _forward_step(setup, qg, keys, values, src, out, lse, started, masks)
-        del keys, values
+        pending = _pass_on(g, k, v, lay.lengths[(src - 1) % g.world]) if t < g.world - 1 else None
+        _forward_step(setup, qg, k, v, src, out, lse, started, masks)
         if pending is not None:
-            kv = pending.wait()[0]
+            k, v = pending.wait()  # the block just sent is dropped: two blocks in flight at most
     return out, lse
 
 
@@ -203,24 +205,19 @@ def _backward(setup: Setup, q, k, v, out, lse, dout, masks):
     if g.world == 1:
         dkv = _backward_step(setup, qg, do, lse, delta, k, v, g.rank, dq, masks)
         return dq.reshape(B, H, n, D), dkv[..., :D], dkv[..., D:]
-    kv = torch.cat([k, v], dim=-1).contiguous()
     nxt, prv = (g.rank + 1) % g.world, (g.rank - 1) % g.world
     acc_pending = None
     for t in range(g.world):
         src = (g.rank - t) % g.world
-        kv_pending = None
-        if t < g.world - 1:
-            buf = kv.new_empty(B, Hkv, lay.lengths[(src - 1) % g.world], D + Dv)
-            kv_pending = comm.post(g, [(nxt, kv)], [(prv, buf)], tag=3)
-            del buf
-        dkv = _backward_step(setup, qg, do, lse, delta, kv[..., :D], kv[..., D:], src, dq, masks)
+        kv_pending = _pass_on(g, k, v, lay.lengths[(src - 1) % g.world]) if t < g.world - 1 else None
+        dkv = _backward_step(setup, qg, do, lse, delta, k, v, src, dq, masks)
         if acc_pending is not None:
             dkv += acc_pending.wait()[0]  # what the ranks before added for this block
         buf = dkv.new_empty(B, Hkv, lay.lengths[(src - 1) % g.world], D + Dv)
         acc_pending = comm.post(g, [(nxt, dkv)], [(prv, buf)], tag=4)
         del dkv, buf
         if kv_pending is not None:
-            kv = kv_pending.wait()[0]
+            k, v = kv_pending.wait()
     assert acc_pending is not None
     mine = acc_pending.wait()[0]  # after W steps this rank's own block's sum has come home
     return dq.reshape(B, H, n, D), mine[..., :D], mine[..., D:]
