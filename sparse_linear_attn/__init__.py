@@ -12,7 +12,7 @@ from . import variants as _variants  # noqa: F401  (registers the built-in varia
 from .api import AttentionModule, attention, build, dense_mask
 from .config import AttentionConfig
 from .feature_maps import available_feature_maps, register_feature_map
-from .metrics import relative_error
+from .metrics import attention_recall, relative_error
 from .nn import ALiBi, MultiheadAttention, RotaryEmbedding, SinusoidalPositionalEncoding, swap_attention
 from .registry import available_variants, describe, register_variant, unregister_variant
 
@@ -27,6 +27,7 @@ __all__ = [
     "AttentionConfig",
     "AttentionModule",
     "attention",
+    "attention_recall",
     "available_feature_maps",
     "available_variants",
     "build",

@@ -1,0 +1,191 @@
+"""Accuracy measures of one benchmark point besides the output error: which entries an exact
+variant computes, the attention mass they hold (recall), and the ``oracle`` selection.
+
+Recall and the oracle need the exact softmax rows, ``O(N)`` each; they are evaluated on
+``R`` evenly spaced query rows per (batch, head) (all rows when ``N ≤ R``), a stratified sample
+whose mean and 5th percentile estimate those over all rows, at ``O(R·N·D)`` cost and bounded
+memory at any N. The math is :func:`sparse_linear_attn.metrics.attention_recall`; this module
+only decides which entries a variant computes:
+
+* static exact patterns (``sliding_window``, ``block_sparse``, user ``mask_fn`` variants): the
+  rows of ``sla.dense_mask`` (``O(N²)`` bools, built where they fit in ``DENSE_MASK_BYTES``);
+* data-dependent ones (``topk_block``, ``hybrid``): the entries their selection keeps for these
+  inputs, from ``sla.selection(q, k, variant, ...)`` — its ``block_mask`` expanded for the
+  sampled rows only (never the ``(B, H, N, N)`` dense form);
+* ``full`` and other variants without a pattern: every visible key, recall 1 by definition.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import sparse_linear_attn as sla
+
+from .. import registry
+from ..metrics import attention_recall
+
+#: Largest dense pattern mask built to find a static variant's computed entries.
+DENSE_MASK_BYTES = 1 << 30
+
+
+def sample_rows(n: int, count: int, device=None) -> torch.Tensor:
+    """``min(n, count)`` evenly spaced query indices ``⌊(i + ½)·n / count⌋`` (all rows when n ≤ count)."""
+    if n <= count:
+        return torch.arange(n, device=device)
+    return ((torch.arange(count, dtype=torch.float64) + 0.5) * n / count).long().to(device)
+
+
+def recall_stats(recall: torch.Tensor) -> dict[str, float]:
+    """``recall_mean`` and ``recall_p5`` (5th percentile) over every evaluated row and head."""
+    flat = recall.flatten().double()
+    return {"recall_mean": float(flat.mean()), "recall_p5": float(torch.quantile(flat, 0.05))}
+
+
+def is_data_dependent(name: str) -> bool:
+    """Whether the variant chooses its entries from the inputs (it has a selection function)."""
+    return bool(getattr(registry.get(name), "data_dependent", False))
+
+
+@dataclass
+class Computed:
+    """The entries a call computes exactly, on the evaluated rows.
+
+    ``mask``: bool broadcastable to ``(B, H, R, Nk)``, or None for every visible key.
+    ``density``/``compressed_density``: from the selection (data-dependent variants), else None
+    (static patterns have closed-form counts, see :mod:`.flops`).
+    """
+
+    mask: torch.Tensor | None
+    how: str
+    density: float | None = None
+    compressed_density: float | None = None
+
+
+def _selection_rows(sel: Any, rows: torch.Tensor, heads: int, nk: int) -> torch.Tensor:
+    """Rows ``rows`` of ``sel.dense()`` without building it: its block mask expanded for them."""
+    elements = getattr(sel, "elements", None)
+    if elements is not None:
+        return elements[..., rows.to(elements.device), :]
+    bm = sel.block_mask  # (B, Hkv, nq_blocks, nk_blocks)
+    bs = int(sel.block_size)
+    m = bm[:, :, rows.to(bm.device) // bs, :]  # (B, Hkv, R, nkb)
+    m = m.repeat_interleave(bs, dim=-1)[..., :nk]
+    return m.repeat_interleave(heads // m.shape[1], dim=1)
+
+
+def computed_entries(
+    name: str,
+    params: Mapping[str, Any],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    causal: bool,
+    rows: torch.Tensor,
+    scale: float,
+) -> Computed | str:
+    """What an exact variant computes on ``rows``, or a string saying why it is not known."""
+    spec = registry.get(name)
+    if not spec.exact or spec.module is not None:
+        return "not an exact pattern: no computed entries"
+    B, H, N, _ = q.shape
+    Nk = k.shape[2]
+    if is_data_dependent(name):
+        selection = getattr(sla, "selection", None)
+        if selection is None:
+            return "data-dependent variant, but this version has no sla.selection"
+        sel = selection(q, k, name, causal=causal, scale=scale, **dict(params))
+        return Computed(
+            _selection_rows(sel, rows, H, Nk),
+            "sla.selection (the entries chosen for these inputs)",
+            float(sel.density),
+            float(getattr(sel, "compressed_density", 0.0) or 0.0),
+        )
+    if spec.mask_fn is None:
+        return Computed(None, "every visible key")
+    per_head = 1
+    if isinstance(params.get("layout"), torch.Tensor) and params["layout"].dim() == 3:
+        per_head = params["layout"].shape[0]
+    if per_head * N * Nk > DENSE_MASK_BYTES:
+        return f"dense mask of {per_head * N * Nk / 2**30:.1f} GiB over the {DENSE_MASK_BYTES >> 30} GiB limit"
+    mask = sla.dense_mask(name, N, Nk, causal=causal, **dict(params))
+    return Computed(mask[..., rows.to(mask.device), :].to(q.device), "sla.dense_mask")
+
+
+def recall_of(
+    computed: Computed, q: torch.Tensor, k: torch.Tensor, *, causal: bool, rows: torch.Tensor, scale: float
+) -> dict[str, float]:
+    """``recall_mean``/``recall_p5`` of the computed entries on ``rows``."""
+    if computed.mask is None:
+        return {"recall_mean": 1.0, "recall_p5": 1.0}  # every visible key: all the mass
+    rec = attention_recall(q, k, computed.mask, scale=scale, causal=causal, rows=rows)
+    return recall_stats(rec)
+
+
+def oracle(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    densities: Sequence[float],
+    *,
+    scale: float,
+    causal: bool,
+    rows: torch.Tensor,
+    chunk_bytes: int = 64 << 20,
+) -> dict[float, dict[str, float]]:
+    """The best selection of entries at each density: every row keeps its top
+    ``k_i = max(1, ⌈d·V_i⌉)`` keys by exact attention weight (``V_i`` the keys it may see)
+    and renormalises — no selection of as many entries per row holds more mass.
+
+    Returns, per density ``d``: ``rel_error`` (of the output on ``rows``, against exact
+    attention on the same rows: ``√(Σ‖o − e‖² / Σ‖e‖²)``), ``recall_mean``, ``recall_p5`` and
+    ``density`` (``Σ k_i / Σ V_i``, ``d`` up to rounding). Float64; memory bounded by
+    ``chunk_bytes`` per chunk of rows; one sort per row, O(R·N·(log N + D·len(densities))).
+    """
+    B, H, N, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    ds = [float(d) for d in densities]
+    num = dict.fromkeys(ds, 0.0)
+    kept = dict.fromkeys(ds, 0)
+    recalls: dict[float, list[torch.Tensor]] = {d: [] for d in ds}
+    den, reach = 0.0, 0
+    step = max(1, chunk_bytes // max(1, Nk * 48))
+    cols = torch.arange(Nk, device=q.device)
+    for b in range(B):
+        for h in range(H):
+            kk = k[b, h // (H // Hkv)].to(torch.float64)
+            vv = v[b, h // (H // Hkv)].to(torch.float64)
+            for r0 in range(0, rows.numel(), step):
+                idx = rows[r0 : r0 + step].to(q.device)
+                s = (q[b, h, idx].to(torch.float64) @ kk.T) * scale
+                vis = cols[None, :] <= idx[:, None] + (Nk - N) if causal else torch.ones_like(s, dtype=torch.bool)
+                p = torch.softmax(s.masked_fill(~vis, float("-inf")), dim=-1).nan_to_num_(0.0)
+                exact = p @ vv
+                den += float(exact.square().sum())
+                visible = vis.sum(-1)
+                reach += int(visible.sum())
+                order = torch.argsort(p, dim=-1, descending=True)
+                ranks = torch.empty_like(order).scatter_(-1, order, cols.expand_as(order).contiguous())
+                del order
+                for d in ds:
+                    k_i = torch.ceil(visible.double() * d - 1e-9).long().clamp(min=1)
+                    k_i = torch.minimum(k_i, visible.clamp(min=1))
+                    pm = p * (ranks < k_i[:, None])
+                    mass = pm.sum(-1)
+                    out = (pm @ vv) / torch.where(mass > 0, mass, 1.0)[:, None]
+                    num[d] += float((out - exact).square().sum())
+                    kept[d] += int(torch.where(visible > 0, k_i, 0).sum())
+                    recalls[d].append(torch.where(visible > 0, mass, 1.0))
+    out: dict[float, dict[str, float]] = {}
+    for d in ds:
+        stats = recall_stats(torch.cat(recalls[d]))
+        out[d] = {
+            "rel_error": math.sqrt(num[d] / den) if den > 0 else 0.0,
+            "density": kept[d] / reach if reach else 0.0,
+            **stats,
+        }
+    return out
