@@ -325,6 +325,51 @@ def _short_value(v: Any) -> str:
     return str(v)
 
 
+def _draw_panel(ax, n, lines, role, colors, xget, yget, handles, missing) -> None:
+    """One N: each family's line (knob values written at its points), the oracle dashed, full as a
+    star — drawn on the panel's lower edge, with its value, when its error is far below the rest
+    (rounding, ~1e-7), so that it does not squeeze the approximations into the top of the panel."""
+    drawn = []
+    for name, (knob, members) in lines.items():
+        pts = [(xget(r), yget(r), r) for r in members if r["n"] == n]
+        if not pts:
+            continue
+        ok = [(a, max(b, Y_FLOOR), r) for a, b, r in pts if a is not None and b is not None and a > 0]
+        if not ok:
+            missing.add(name)
+            continue
+        drawn.append((name, knob, ok))
+    rest = [b for name, _, ok in drawn if role[name] != "full" for _, b, _ in ok]
+    low = min(rest) / 3 if rest else None
+    front = []
+    for name, knob, ok in drawn:
+        xs, ys = [a for a, _, _ in ok], [b for _, b, _ in ok]
+        if role[name] == ORACLE:
+            (h,) = ax.plot(xs, ys, "k--", lw=1.2, marker=".", ms=5, alpha=0.8)
+            handles.setdefault("oracle: each row's top keys by exact weight (the best any selection can do)", h)
+        elif role[name] == "full":
+            shown = [max(y, low) if low is not None else y for y in ys]
+            h = ax.scatter(xs, shown, marker="*", s=110, color="k", zorder=5, clip_on=False)
+            handles.setdefault(name + " — exact (reference)", h)
+            for a, y, y0 in zip(xs, shown, ys):
+                if y0 < y:
+                    ax.annotate(f"{y0:.0e}", (a, y), fontsize=6, xytext=(4, 3), textcoords="offset points")
+            front += list(zip(xs, shown))
+        else:
+            (h,) = ax.plot(xs, ys, marker="o", ms=4, lw=1.3, color=colors[name])
+            handles.setdefault(name, h)
+            front += list(zip(xs, ys))
+        if knob and role[name] != "full":
+            for a, b, r in ok:
+                ax.annotate(_short_value(_params(r).get(knob)), (a, b), fontsize=6, xytext=(3, 2),
+                            textcoords="offset points", color="0.25")  # fmt: skip
+    if low is not None:
+        ax.set_ylim(bottom=low)
+    pf = pareto_front(front)
+    if len(pf) > 1:
+        ax.step(*zip(*pf), where="post", color="0.6", lw=4, alpha=0.25, zorder=0)
+
+
 def plot_frontier(
     records: list[dict[str, Any]] | str | Path,
     out_dir: str | Path,
@@ -376,34 +421,7 @@ def plot_frontier(
             ax.set_title(f"N = {n:,}" + (f" ({_short_n(n)})" if _short_n(n) != str(n) else ""), fontsize=10)
             ax.set_xlabel(xlabel, fontsize=8)
             ax.set_ylabel(ylabel, fontsize=8)
-            front = []
-            for name, (knob, members) in lines.items():
-                pts = [(xget(r), yget(r), r) for r in members if r["n"] == n]
-                if not pts:
-                    continue
-                ok = [(a, max(b, Y_FLOOR), r) for a, b, r in pts if a is not None and b is not None and a > 0]
-                if not ok:
-                    missing.add(name)
-                    continue
-                xs, ys = [a for a, _, _ in ok], [b for _, b, _ in ok]
-                if role[name] == ORACLE:
-                    (h,) = ax.plot(xs, ys, "k--", lw=1.2, marker=".", ms=5, alpha=0.8)
-                    handles.setdefault("oracle: each row's top keys by exact weight (best any selection can do)", h)
-                elif role[name] == "full":
-                    h = ax.scatter(xs, ys, marker="*", s=110, color="k", zorder=5)
-                    handles.setdefault(name + " — exact (reference)", h)
-                    front += list(zip(xs, ys))
-                else:
-                    (h,) = ax.plot(xs, ys, marker="o", ms=4, lw=1.3, color=colors[name])
-                    handles.setdefault(name, h)
-                    front += list(zip(xs, ys))
-                if knob and role[name] != "full":
-                    for a, b, r in ok:
-                        ax.annotate(_short_value(_params(r).get(knob)), (a, b), fontsize=6, xytext=(3, 2),
-                                    textcoords="offset points", color="0.25")  # fmt: skip
-            pf = pareto_front(front)
-            if len(pf) > 1:
-                ax.step(*zip(*pf), where="post", color="0.6", lw=4, alpha=0.25, zorder=0)
+            _draw_panel(ax, n, lines, role, colors, xget, yget, handles, missing)
         for ax in list(axes.flat)[len(ns) :]:
             ax.axis("off")
         r0 = recs[0]
@@ -419,6 +437,7 @@ def plot_frontier(
             fontsize=9,
         )
         notes = []
+        missing -= {name for name in missing if role.get(name) == ORACLE}
         if missing:
             notes.append(f"not on this axis ({x}): " + ", ".join(sorted(missing)))
         if x == "time":
