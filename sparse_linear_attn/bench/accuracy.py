@@ -176,16 +176,16 @@ def oracle(
                     k_i = torch.minimum(k_i, visible.clamp(min=1))
                     pm = p * (ranks < k_i[:, None])
                     mass = pm.sum(-1)
-                    out = (pm @ vv) / torch.where(mass > 0, mass, 1.0)[:, None]
-                    num[d] += float((out - exact).square().sum())
+                    approx = (pm @ vv) / torch.where(mass > 0, mass, 1.0)[:, None]
+                    num[d] += float((approx - exact).square().sum())
                     kept[d] += int(torch.where(visible > 0, k_i, 0).sum())
                     recalls[d].append(torch.where(visible > 0, mass, 1.0))
-    out: dict[float, dict[str, float]] = {}
+    result: dict[float, dict[str, float]] = {}
     for d in ds:
         stats = recall_stats(torch.cat(recalls[d]))
-        out[d] = {
+        result[d] = {
             "rel_error": math.sqrt(num[d] / den) if den > 0 else 0.0,
             "density": kept[d] / reach if reach else 0.0,
             **stats,
         }
-    return out
+    return result

@@ -426,7 +426,7 @@ def plot_frontier(
             ax.axis("off")
         r0 = recs[0]
         env = r0.get("env") or {}
-        kinds = r0.get("inputs") + (f" ({r0.get('texts')})" if r0.get("texts") else "")
+        kinds = f"{r0.get('inputs')}" + (f" ({r0.get('texts')})" if r0.get("texts") else "")
         fig.suptitle(
             f"{ylabel.split(' ‖')[0]} vs {xlabel.split(' (')[0].split(' [')[0]} at each N — inputs={kinds}, "
             f"{r0.get('dtype')}, {'causal' if r0.get('causal') else 'bidirectional'}, "

@@ -282,7 +282,7 @@ def real_qkv_layers(
     segs = math.ceil(n / MAX_POSITIONS)
     seg_len = min(n, MAX_POSITIONS)
     ids = _chunks(seg_len, batch * segs, texts=texts)  # row r*segs + s: segment s of batch row r
-    out = {x: tuple(torch.empty(batch, H, n, D) for _ in range(3)) for x in layers}
+    out = {x: (torch.empty(batch, H, n, D), torch.empty(batch, H, n, D), torch.empty(batch, H, n, D)) for x in layers}
     for r0 in range(0, batch * segs, SEGMENT_BATCH):
         captured = encode(ids[r0 : r0 + SEGMENT_BATCH], capture_layer="all")
         for j in range(captured[0][0].shape[0]):

@@ -310,6 +310,7 @@ class _Point:
             self.q, self.k, self.v = self._cast(made)
         self.rows = accuracy.sample_rows(n, s.recall_rows, device=device)
         self.refs: dict[Any, tuple[torch.Tensor | None, str]] = {}
+        self.oracles: dict[tuple[float, ...], dict[float, dict[str, float]]] = {}
 
     def _cast(self, qkv):
         # Inputs are rounded to the run dtype once; references use these same values upcast.
@@ -573,12 +574,12 @@ def _oracle_record(bv: BenchVariant, pt: _Point, s: SweepSettings) -> dict[str, 
         rec.update(status="skipped", reason=f"oracle skipped: N > reference_max_n={s.reference_max_n}")
         return rec
     densities = tuple(sorted({float(v.params["density"]) for v in s.variants if v.is_oracle}))
-    key = ("oracle", densities)
-    if key not in pt.refs:
+    if densities not in pt.oracles:
         scale = 1.0 / D**0.5
         with torch.no_grad():
-            pt.refs[key] = accuracy.oracle(pt.q, pt.k, pt.v, densities, scale=scale, causal=pt.causal, rows=pt.rows)  # type: ignore[assignment]
-    res = pt.refs[key][float(bv.params["density"])]  # type: ignore[index]
+            pt.oracles[densities] = accuracy.oracle(pt.q, pt.k, pt.v, densities, scale=scale, causal=pt.causal,
+                                                    rows=pt.rows)  # fmt: skip
+    res = pt.oracles[densities][float(bv.params["density"])]
     rec.update(oracle_flops(res["density"], batch=B, heads=H, nq=N, nk=N, head_dim=D, v_dim=D, causal=pt.causal))
     rec.update(
         density=res["density"],

@@ -158,7 +158,9 @@ def settings_from_args(args: argparse.Namespace):
     if not isinstance(plot, bool):
         raise ParameterError(f"invalid settings: plot: expected true or false, got {type(plot).__name__} {plot!r}")
     seq = opts.pop("seq_lens")
-    if isinstance(seq, bool) or not isinstance(seq, (str, int, list)):
+    if isinstance(seq, int) and not isinstance(seq, bool):
+        seq = [seq]
+    if not isinstance(seq, (str, list)):
         raise ParameterError(f"invalid settings: seq_lens: expected a list or a comma string, got {seq!r}")
     settings = SweepSettings(variants=unique_variants(variants), seq_lens=parse_seq_lens(seq), study=study_name, **opts)
     return settings, plot
@@ -243,8 +245,8 @@ def print_summary(records: list[dict[str, Any]], title: str = "") -> None:
 class _Progress:
     """rich, else tqdm, else one line per point."""
 
-    def __init__(self):
-        self.bar = None
+    def __init__(self) -> None:
+        self.bar: Any = None
         self.kind = "plain"
         self.total = 0
         self.count = 0
