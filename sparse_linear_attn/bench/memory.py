@@ -240,16 +240,16 @@ def predict_call_bytes(
     if backend == "math":
         fwd, how = out + 3 * B * H * N * N * work + 16 * MiB, "math: dense N×N scores, probabilities and mask"
     elif name in ("full", "dot_product") and backend in ("torch", "xformers"):
-        fwd, how = 2 * out + t * work // D + 64 * MiB, "fused kernel: output and row statistics"
+        fwd, how = 2 * out + t * work // D + 16 * MiB, "fused kernel: output and row statistics"
     elif name in ("sliding_window", "block_sparse") and backend == "torch":
-        fwd, how = 3 * out + 512 * MiB, "tiled: output, bounded tile groups"
+        fwd, how = 3 * out + 64 * MiB, "tiled: output, bounded tile groups"
     elif name in ("linear", "performer") and backend == "torch":
         m = _feature_dim(name, params, D)
-        fwd = out + B * H * N * (2 * m + 2 * (D + 1)) * work + 256 * MiB
+        fwd = out + B * H * N * (2 * m + 2 * (D + 1)) * work + 64 * MiB
         how = f"kernelized: features 2·N·M (M={m}) and [v, 1]"
     elif backend == "flex":
         blocks = -(-N // 128)
-        fwd, how = 3 * out + 2 * B * H * blocks * blocks * 4 + 768 * MiB, "flex: output, block mask, compiled buffers"
+        fwd, how = 3 * out + 2 * B * H * blocks * blocks * 4 + 256 * MiB, "flex: output, block mask, compiled buffers"
     elif name == "additive":
         fwd, how = 2 * out + (1 << 22) * work * 3 + 64 * MiB, "additive: output, bounded tanh chunk"
     else:
