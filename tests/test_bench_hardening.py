@@ -41,6 +41,8 @@ def test_resume_and_plot_skip_json_lines_that_are_not_records(tmp_path, capsys):
     for line in (1, 2, 3, 4, 5, 7):
         assert f"results.jsonl:{line} is not a sla-bench record" in err
     assert main(["plot", str(path), "--out", str(tmp_path / "p")]) == 0
+    assert main(["plot", str(tmp_path)]) == 0  # a folder: the files go into it
+    assert (tmp_path / "results.csv").is_file() and not (tmp_path.parent / "results.csv").exists()
     assert _run(tmp_path, "--resume", seq="16,32") == 0  # the record at 16 is kept, 32 is added
     assert [r["n"] for r in read_results(path)] == [16, 32]
 

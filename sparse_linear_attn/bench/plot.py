@@ -108,7 +108,8 @@ def _subtitle(records) -> str:
 def plot_results(results: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Write results.csv and the PNGs next to ``results`` (or into ``out_dir``); returns the paths."""
     records = load_records(results)
-    out = prepare_out_dir(out_dir if out_dir is not None else Path(results).parent)
+    folder = Path(results) if Path(results).is_dir() else Path(results).parent
+    out = prepare_out_dir(out_dir if out_dir is not None else folder)
     written = [write_csv(records, out / "results.csv")]
     measured = [r for r in records if r.get("variant") != ORACLE]
     try:
@@ -365,6 +366,13 @@ def _draw_panel(ax, n, lines, role, colors, xget, yget, handles, missing) -> Non
                             textcoords="offset points", color="0.25")  # fmt: skip
     if low is not None:
         ax.set_ylim(bottom=low)
+    from matplotlib.ticker import NullFormatter
+
+    for axis, (lo, hi) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+        if lo > 0 and hi / lo >= 10:  # a decade or more: the minor tick labels would collide
+            axis.set_minor_formatter(NullFormatter())
+        else:
+            axis.set_tick_params(which="minor", labelsize=6)
     pf = pareto_front(front)
     if len(pf) > 1:
         ax.step(*zip(*pf), where="post", color="0.6", lw=4, alpha=0.25, zorder=0)
@@ -409,7 +417,7 @@ def plot_frontier(
         families = [name for name in lines if role[name] == "family"]
         cmap = plt.get_cmap("tab10" if len(families) <= 10 else "tab20")
         colors = {name: cmap(i % cmap.N) for i, name in enumerate(families)}
-        ncols = min(3, len(ns))
+        ncols = 2 if len(ns) == 4 else min(3, len(ns))
         nrows = math.ceil(len(ns) / ncols)
         fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.3 * nrows + 1.6), squeeze=False)
         missing: set[str] = set()
@@ -440,7 +448,7 @@ def plot_frontier(
         missing -= {name for name in missing if role.get(name) == ORACLE}
         if missing:
             notes.append(f"not on this axis ({x}): " + ", ".join(sorted(missing)))
-        if x == "time":
+        if x == "time" and ORACLE in role.values():
             notes.append("the oracle has no time: see the FLOP and density axes")
         fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", fontsize=7,
                    ncol=2 if len(handles) > 6 else 1, frameon=False)  # fmt: skip
