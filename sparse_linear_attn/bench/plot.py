@@ -347,7 +347,7 @@ def _draw_panel(ax, n, lines, role, colors, xget, yget, handles, missing) -> Non
         xs, ys = [a for a, _, _ in ok], [b for _, b, _ in ok]
         if role[name] == ORACLE:
             (h,) = ax.plot(xs, ys, "k--", lw=1.2, marker=".", ms=5, alpha=0.8)
-            handles.setdefault("oracle: each row's top keys by exact weight (the best any selection can do)", h)
+            handles.setdefault("oracle: the entries of largest exact weight (most mass for the count)", h)
         elif role[name] == "full":
             shown = [max(y, low) if low is not None else y for y in ys]
             h = ax.scatter(xs, shown, marker="*", s=110, color="k", zorder=5, clip_on=False)

@@ -588,7 +588,7 @@ def _oracle_record(bv: BenchVariant, pt: _Point, s: SweepSettings) -> dict[str, 
         recall_mean=res["recall_mean"],
         recall_p5=res["recall_p5"],
         recall_rows=int(pt.rows.numel()),
-        recall_method="oracle: each row's top keys by exact weight",
+        recall_method="oracle: the entries of largest exact weight, at least one per row",
         error_reference=f"exact attention on the same {int(pt.rows.numel())} rows per head, float64",
         error_note="oracle: error and recall evaluated on evenly spaced rows (an estimate of the whole output's)",
     )

@@ -29,5 +29,5 @@ def run(args: argparse.Namespace) -> int:
     print(backend_table())
     print("\nDefault variants of a bare `sla-bench run`: " + " ".join(v.label for v in default_variants()))
     print("Input kinds: random, local, peaked, real (all-MiniLM-L6-v2 on stdlib text or --texts FILE; extra 'real')")
-    print("References: oracle[:density=...] (each row's top keys by exact weight; frontier plots)")
+    print("References: oracle[:density=...] (the entries of largest exact weight; frontier plots)")
     return 0
