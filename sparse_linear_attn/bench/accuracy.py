@@ -64,6 +64,8 @@ class Computed:
     how: str
     density: float | None = None
     compressed_density: float | None = None
+    #: The ``sla.selection`` result of a data-dependent variant.
+    selection: Any = None
 
 
 def _selection_rows(sel: Any, rows: torch.Tensor, heads: int, nk: int) -> torch.Tensor:
@@ -104,6 +106,7 @@ def computed_entries(
             "sla.selection (the entries chosen for these inputs)",
             float(sel.density),
             float(getattr(sel, "compressed_density", 0.0) or 0.0),
+            sel,
         )
     if spec.mask_fn is None:
         return Computed(None, "every visible key")

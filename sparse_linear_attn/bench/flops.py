@@ -103,29 +103,29 @@ def count_flops(
     v_dim: int,
     causal: bool,
     backward: bool,
-    density: float | None = None,
-    compressed_density: float | None = None,
+    selection: Any = None,
 ) -> dict[str, Any]:
     """``{"flops", "avg_visible_keys", "flops_method"}`` (flops None where no count is defined).
 
-    Data-dependent variants (whose entries depend on the inputs) are counted from the
-    ``density`` and ``compressed_density`` of their selection for these inputs: each computed
-    entry, exact or compressed, costs ``2·(D + Dv)`` like any score-and-value pair; the
-    estimator that chose them is not counted (the method says so).
+    Data-dependent variants (whose entries depend on the inputs) are counted from ``selection``
+    (the ``sla.selection`` of the measured inputs): each computed entry, exact or compressed,
+    costs ``2·(D + Dv)`` like any score-and-value pair; the estimator that chose them is not
+    counted (the method says so).
     """
     spec = registry.get(name)
     out: dict[str, Any] = {"flops": None, "avg_visible_keys": None, "flops_method": None}
     resolved = spec.resolve_params(dict(params))
     if getattr(spec, "data_dependent", False):
-        if density is None:
-            out["flops_method"] = "not counted: data-dependent variant and no selection density"
+        if selection is None:
+            out["flops_method"] = "not counted: a data-dependent variant is counted from the selection of its inputs"
             return out
         reach, _ = avg_visible_keys("full", {}, nq, nk, causal)
-        kbar = density * reach
-        fwd = 2.0 * batch * heads * nq * (kbar + (compressed_density or 0.0) * reach) * (head_dim + v_dim)
+        kbar = (selection.density + (selection.compressed_density or 0.0)) * reach
+        fwd = 2.0 * batch * heads * nq * kbar * (head_dim + v_dim)
         out.update(
             avg_visible_keys=kbar,
-            flops_method="selection density × reachable keys (exact + compressed entries; estimator not counted)",
+            flops_method=f"from the selection: density {selection.density:.4f} exact + "
+            f"{selection.compressed_density or 0.0:.4f} compressed entries (estimator not counted)",
         )
     elif spec.exact and spec.module is None:
         try:

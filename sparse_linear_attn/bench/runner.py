@@ -606,13 +606,14 @@ def measure(bv: BenchVariant, pt: _Point, s: SweepSettings) -> dict[str, Any]:
     rec.update(status="ok", exact=info.exact, cost=info.cost, repeats_done=0)
     notes: list[str] = list(pt.notes)
     computed: accuracy.Computed | str | None = None
-    density = compressed = None
+    density = compressed = sel = None
     if accuracy.is_data_dependent(bv.name):
+        # What these inputs make the variant compute: its cost and recall are counted from that.
         computed = _computed(bv, pt, spec.resolve_scale(None, D))
         if isinstance(computed, accuracy.Computed):
-            density, compressed = computed.density, computed.compressed_density
+            density, compressed, sel = computed.density, computed.compressed_density, computed.selection
     flops = count_flops(bv.name, bv.params, batch=B, heads=H, nq=N, nk=N, head_dim=D, v_dim=D, causal=pt.causal,
-                        backward=s.backward, density=density, compressed_density=compressed)  # fmt: skip
+                        backward=s.backward, selection=sel)  # fmt: skip
     rec.update(flops)
     if density is not None:
         rec.update(density=density, compressed_density=compressed)
