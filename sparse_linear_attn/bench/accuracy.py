@@ -90,10 +90,11 @@ def computed_entries(
     rows: torch.Tensor,
     scale: float,
 ) -> Computed | str:
-    """What an exact variant computes on ``rows``, or a string saying why it is not known."""
+    """What a variant computes exactly on ``rows``, or a string saying why it is not known.
+
+    Data-dependent variants come first: ``hybrid`` is not exact as a whole (its remainder is
+    compressed) but its selected blocks are, and their recall is what its exact part keeps."""
     spec = registry.get(name)
-    if not spec.exact or spec.module is not None:
-        return "not an exact pattern: no computed entries"
     B, H, N, _ = q.shape
     Nk = k.shape[2]
     if is_data_dependent(name):
@@ -108,6 +109,8 @@ def computed_entries(
             float(getattr(sel, "compressed_density", 0.0) or 0.0),
             sel,
         )
+    if not spec.exact or spec.module is not None:
+        return "not an exact pattern: no computed entries"
     if spec.mask_fn is None:
         return Computed(None, "every visible key")
     per_head = 1

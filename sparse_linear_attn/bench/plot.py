@@ -60,7 +60,7 @@ def flatten(rec: dict[str, Any]) -> dict[str, Any]:
 
 def write_csv(records: list[dict[str, Any]], path: str | Path) -> Path:
     rows = [flatten(r) for r in records]
-    cols = list(CSV_FIRST)
+    cols = list(dict.fromkeys(CSV_FIRST))
     for r in rows:
         for k in r:
             if k not in cols:

@@ -514,7 +514,7 @@ def _errors(out: torch.Tensor, bv: BenchVariant, pt: _Point, s: SweepSettings, b
             rec["rel_error_backend"] = float(sla.relative_error(out, mref))
         else:
             notes.append(mhow)
-    if spec.exact:
+    if spec.exact or accuracy.is_data_dependent(bv.name):
         if s.reference_max_n is not None and N > s.reference_max_n:
             rec["recall_method"] = f"recall skipped: N > reference_max_n={s.reference_max_n}"
         else:
