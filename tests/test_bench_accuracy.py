@@ -352,6 +352,8 @@ def test_frontier_plot_from_a_small_results_file(tmp_path, capsys):
         for bs, nl in ((32, 2), (64, 2), (32, 3), (64, 3)):  # knob block_size, a line per num_local_blocks
             recs.append(_rec("block_sparse", n, {"block_size": bs, "num_local_blocks": nl}, bs / 16, 0.5 / nl,
                              sweep=["block_size", "num_local_blocks"], density=bs * nl / n))  # fmt: skip
+        # A plain spec beside a swept one of the same variant: a line (a point) of its own, no knob.
+        recs.append(_rec("block_sparse", n, {"pattern": "bigbird"}, 5.0, 0.3, density=0.2))
         for m in (64, 128):  # no `sweep` (an older file): the varying parameter is the knob
             recs.append(_rec("performer", n, {"num_features": m}, 3.0, 0.9))
         recs.append(_rec("linear", n, {}, 1.0, 0.95))
@@ -363,6 +365,7 @@ def test_frontier_plot_from_a_small_results_file(tmp_path, capsys):
     path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
 
     lines = frontier_lines([r for r in recs if r["inputs"] == "local" and r["status"] == "ok"])
+    assert lines["block_sparse:pattern=bigbird"][0] is None
     knob, sw = lines["sliding_window (window)"]
     assert knob == "window" and [json.loads(r["params"])["window"] for r in sw if r["n"] == 1024] == [32, 64, 256]
     assert set(lines) >= {

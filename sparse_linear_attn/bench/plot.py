@@ -282,17 +282,18 @@ def frontier_lines(records: list[dict[str, Any]]) -> dict[str, tuple[str | None,
         by_variant[(r["variant"], r.get("backend_requested") or "auto")].append(r)
     lines: dict[str, tuple[str | None, list[dict[str, Any]]]] = {}
     for (variant, backend), recs in by_variant.items():
-        knob = next((r["sweep"][0] for r in recs if r.get("sweep")), None)
-        if knob is None:
+        inferred = None
+        if not any(r.get("sweep") for r in recs):  # a file without sweep information
             names = {k for r in recs for k in _params(r)}
             values = {k: {json.dumps(_params(r).get(k), sort_keys=True) for r in recs} for k in names}
             varying = sorted((k for k in names if len(values[k]) > 1), key=lambda k: (-len(values[k]), k))
-            knob = varying[0] if varying else None
-        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+            inferred = varying[0] if varying else None
+        groups: dict[tuple[str, str | None], list[dict[str, Any]]] = defaultdict(list)
         for r in recs:
+            knob = r["sweep"][0] if r.get("sweep") else inferred
             fixed = {k: v for k, v in _params(r).items() if k != knob}
-            groups[_label(variant, fixed, backend)].append(r)
-        for label, members in groups.items():
+            groups[(_label(variant, fixed, backend), knob)].append(r)
+        for (label, knob), members in groups.items():
 
             def order(r, knob=knob):
                 v = _params(r).get(knob) if knob else None
@@ -304,7 +305,22 @@ def frontier_lines(records: list[dict[str, Any]]) -> dict[str, tuple[str | None,
 
 
 def _figure_groups(records: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
-    varying = [k for k in FIGURE_KEYS if len({json.dumps(r.get(k), default=str) for r in records}) > 1]
+    """``(name suffix, records)`` per combination of the FIGURE_KEYS that vary in the file. A key
+    whose value the earlier ones determine (real inputs' heads and head_dim) splits nothing and
+    stays out of the name."""
+
+    def value(r, k):
+        return json.dumps(r.get(k), default=str)
+
+    varying: list[str] = []
+    for k in FIGURE_KEYS:
+        if len({value(r, k) for r in records}) < 2:
+            continue
+        seen: dict[tuple[str, ...], set[str]] = defaultdict(set)
+        for r in records:
+            seen[tuple(value(r, j) for j in varying)].add(value(r, k))
+        if not varying or any(len(v) > 1 for v in seen.values()):
+            varying.append(k)
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         parts = []
