@@ -8,7 +8,7 @@ memory at any N. The math is :func:`sparse_linear_attn.metrics.attention_recall`
 only decides which entries a variant computes:
 
 * static exact patterns (``sliding_window``, ``block_sparse``, user ``mask_fn`` variants): the
-  rows of ``sla.dense_mask`` (``O(N²)`` bools, built where they fit in ``DENSE_MASK_BYTES``);
+  rows of ``sla.dense_mask`` (``O(N²)``, built up to ``DENSE_MASK_ENTRIES`` entries, N = 16K);
 * data-dependent ones (``topk_block``, ``hybrid``): the entries their selection keeps for these
   inputs, from ``sla.selection(q, k, variant, ...)`` — its ``block_mask`` expanded for the
   sampled rows only (never the ``(B, H, N, N)`` dense form);
@@ -29,8 +29,11 @@ import sparse_linear_attn as sla
 from .. import registry
 from ..metrics import attention_recall
 
-#: Largest dense pattern mask built to find a static variant's computed entries.
-DENSE_MASK_BYTES = 1 << 30
+#: Most entries of a dense pattern mask built to find a static variant's computed entries
+#: (N = 16K): a ``mask_fn`` may hold int64 index grids of the same size while it builds it.
+DENSE_MASK_ENTRIES = 1 << 28
+#: Bytes per entry a ``mask_fn`` may hold at its peak (int64 index grids and the bool result).
+MASK_FN_BYTES_PER_ENTRY = 17
 
 
 def sample_rows(n: int, count: int, device=None) -> torch.Tensor:
@@ -116,8 +119,13 @@ def computed_entries(
     per_head = 1
     if isinstance(params.get("layout"), torch.Tensor) and params["layout"].dim() == 3:
         per_head = params["layout"].shape[0]
-    if per_head * N * Nk > DENSE_MASK_BYTES:
-        return f"dense mask of {per_head * N * Nk / 2**30:.1f} GiB over the {DENSE_MASK_BYTES >> 30} GiB limit"
+    entries = per_head * N * Nk
+    if entries > DENSE_MASK_ENTRIES:
+        return f"dense mask of {entries:.3g} entries over the limit of {DENSE_MASK_ENTRIES:.3g} (N = 16K)"
+    from .memory import available_bytes
+
+    if MASK_FN_BYTES_PER_ENTRY * entries > available_bytes(torch.device("cpu")) // 2:
+        return "dense mask skipped: building it would take over half the available memory"
     mask = sla.dense_mask(name, N, Nk, causal=causal, **dict(params))
     return Computed(mask[..., rows.to(mask.device), :].to(q.device), "sla.dense_mask")
 
