@@ -19,6 +19,7 @@ cd "$(dirname "$0")/.."
 
 usage() { echo "usage: bash scripts/gpu-check.sh OUTDIR [--dry-run]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
+ARGS="$*"
 OUT="$1"; shift
 DRY=0
 for a in "$@"; do
@@ -43,7 +44,8 @@ if [ "$DRY" = 1 ]; then
   MODE="DRY RUN on the CPU at tiny sizes: checks the script, measures nothing about a GPU"
 else
   DEVICE=cuda; LENGTHS=4k,8k,16k,32k,64k; FRONTIER_N=16k; ADDITIVE_N=4k,8k
-  T_TESTS=90; T_SWEEP=210; T_ADD=30; T_FRONTIER=120
+  # 475 s of limits in all, plus the environment and the plots: within 8 minutes.
+  T_TESTS=75; T_SWEEP=225; T_ADD=30; T_FRONTIER=125
   MODE="GPU run"
 fi
 
@@ -51,7 +53,7 @@ SUMMARY="$OUT/summary.md"
 {
   echo "# gpu-check: $MODE"
   echo
-  echo "Command: \`bash scripts/gpu-check.sh $*\` (OUTDIR $OUT), started $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "Command: \`bash scripts/gpu-check.sh $ARGS\` (OUTDIR $OUT), started $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo
   echo "| step | exit status | wall s | limit s |"
   echo "|---|---|---|---|"
@@ -78,7 +80,7 @@ step() {
 {
   echo "date_utc: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "mode: $MODE"
-  echo "command: bash scripts/gpu-check.sh $OUT $*"
+  echo "command: bash scripts/gpu-check.sh $ARGS"
   echo "git_commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
   echo "git_dirty: $(git status --porcelain 2>/dev/null | wc -l | tr -d ' ') changed file(s)"
   echo "host: $(hostname)"
@@ -103,7 +105,7 @@ else:
 EOF
   echo
   echo "## nvidia-smi"
-  (nvidia-smi 2>&1 || echo "nvidia-smi: not available")
+  if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi 2>&1; else echo "nvidia-smi: not available"; fi
   echo
   echo "## pip freeze"
   "$PY" -m pip freeze 2>/dev/null
@@ -128,7 +130,7 @@ step additive "$T_ADD" "${BENCH[@]}" --config benchmarks/studies/gpu-check.yaml 
 # --- the frontier at 16K ----------------------------------------------------------------------
 step frontier "$T_FRONTIER" "${BENCH[@]}" --config benchmarks/studies/frontier.yaml --device "$DEVICE" \
   --dtype bfloat16 --seq-lens "$FRONTIER_N" --out "$OUT/frontier"
-step frontier-plots 60 "$PY" -m sparse_linear_attn.bench frontier "$OUT/frontier" --x time flops density
+step frontier-plots 20 "$PY" -m sparse_linear_attn.bench frontier "$OUT/frontier" --x time flops density
 
 {
   echo

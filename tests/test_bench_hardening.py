@@ -255,3 +255,16 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path):
     saved = len(read_results(results))
     assert saved >= 1 and f"holds {saved} record(s)" in stderr
     assert "Resume with:" in stderr and "--resume" in stderr.splitlines()[-1] and str(out) in stderr
+
+
+def test_gpu_check_script_refuses_bad_arguments(tmp_path):
+    """The one-command GPU run (its full dry run takes minutes; docs/benchmarks.md): bad calls
+    stop at once with a message, before touching anything."""
+    script = ROOT / "scripts" / "gpu-check.sh"
+    for args, message in (([], "usage"), ([str(tmp_path), "--bogus"], "usage")):
+        proc = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr
+    f = tmp_path / "file"
+    f.write_text("x")
+    proc = subprocess.run(["bash", str(script), str(f)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "is a file" in proc.stderr
