@@ -3,6 +3,7 @@
     import sparse_linear_attn as sla
     out = sla.attention(q, k, v, "sliding_window", window=256, causal=True)
     layer = sla.build({"variant": "performer", "num_features": 256})
+    cache = sla.make_cache("linear", batch=1, kv_heads=8, head_dim=64)   # incremental decoding
 
 Shapes follow ``torch.nn.functional.scaled_dot_product_attention``: q ``(B, H, Nq, D)``,
 k ``(B, Hkv, Nk, D)``, v ``(B, Hkv, Nk, Dv)``.
@@ -11,6 +12,7 @@ k ``(B, Hkv, Nk, D)``, v ``(B, Hkv, Nk, Dv)``.
 from . import variants as _variants  # noqa: F401  (registers the built-in variants)
 from .api import AttentionModule, attention, build, dense_mask
 from .config import AttentionConfig
+from .decoding import Cache, make_cache
 from .feature_maps import available_feature_maps, register_feature_map
 from .metrics import attention_recall, relative_error
 from .nn import ALiBi, MultiheadAttention, RotaryEmbedding, SinusoidalPositionalEncoding, swap_attention
@@ -36,6 +38,7 @@ __all__ = [
     "swap_attention",
     "AttentionConfig",
     "AttentionModule",
+    "Cache",
     "attention",
     "attention_recall",
     "available_feature_maps",
@@ -43,6 +46,7 @@ __all__ = [
     "build",
     "dense_mask",
     "describe",
+    "make_cache",
     "register_feature_map",
     "register_variant",
     "relative_error",

@@ -1,8 +1,8 @@
 """Command line of ``sla-bench`` (also ``python -m sparse_linear_attn.bench``): a dispatcher.
 
-Each subcommand is a module of :mod:`.commands` with ``NAME``, ``HELP``,
-``add_arguments(parser)`` and ``run(args) -> int``; adding one is a module and a line in
-:data:`COMMANDS`. Errors a user can fix (bad options, files, folders) end with one line on
+Each subcommand is a module of :mod:`.commands` with ``NAME``, ``run(args) -> int`` and either
+``HELP`` and ``add_arguments(parser)`` or ``add_parser(subparsers)`` (which adds its own); adding
+one is a module and a line in :data:`COMMANDS`. Errors a user can fix (bad options, files, folders) end with one line on
 stderr and exit status 2; Ctrl-C ends with exit status 130.
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import frontier, listing, plot, run
+from .commands import decode, frontier, listing, plot, run
 
-COMMANDS = (run, plot, frontier, listing)
+COMMANDS = (run, plot, frontier, listing, decode)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,9 +23,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = ap.add_subparsers(dest="command", required=True)
     for mod in COMMANDS:
-        p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        if hasattr(mod, "add_parser"):
+            mod.add_parser(sub)
+        else:
+            p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
+            mod.add_arguments(p)
     return ap
 
 
@@ -33,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     args.argv = argv
+    run = {mod.NAME: mod.run for mod in COMMANDS}[args.command]
     try:
-        return args._run(args)
+        return run(args)
     except KeyboardInterrupt:
         print(f"\nsla-bench {args.command}: interrupted", file=sys.stderr)
         return 130
