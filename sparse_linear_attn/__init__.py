@@ -14,7 +14,7 @@ from .api import AttentionModule, attention, build, dense_mask
 from .config import AttentionConfig
 from .decoding import Cache, make_cache
 from .feature_maps import available_feature_maps, register_feature_map
-from .metrics import relative_error
+from .metrics import attention_recall, relative_error
 from .nn import ALiBi, MultiheadAttention, RotaryEmbedding, SinusoidalPositionalEncoding, swap_attention
 from .registry import available_variants, describe, register_variant, unregister_variant
 
@@ -41,6 +41,7 @@ __all__ = [
     "AttentionModule",
     "Cache",
     "attention",
+    "attention_recall",
     "available_feature_maps",
     "available_variants",
     "build",

@@ -103,12 +103,31 @@ def count_flops(
     v_dim: int,
     causal: bool,
     backward: bool,
+    selection: Any = None,
 ) -> dict[str, Any]:
-    """``{"flops", "avg_visible_keys", "flops_method"}`` (flops None where no count is defined)."""
+    """``{"flops", "avg_visible_keys", "flops_method"}`` (flops None where no count is defined).
+
+    Data-dependent variants (whose entries depend on the inputs) are counted from ``selection``
+    (the ``sla.selection`` of the measured inputs): each computed entry, exact or compressed,
+    costs ``2·(D + Dv)`` like any score-and-value pair; the estimator that chose them is not
+    counted (the method says so).
+    """
     spec = registry.get(name)
     out: dict[str, Any] = {"flops": None, "avg_visible_keys": None, "flops_method": None}
     resolved = spec.resolve_params(dict(params))
-    if spec.exact and spec.module is None:
+    if getattr(spec, "data_dependent", False):
+        if selection is None:
+            out["flops_method"] = "not counted: a data-dependent variant is counted from the selection of its inputs"
+            return out
+        reach, _ = avg_visible_keys("full", {}, nq, nk, causal)
+        kbar = (selection.density + (selection.compressed_density or 0.0)) * reach
+        fwd = 2.0 * batch * heads * nq * kbar * (head_dim + v_dim)
+        out.update(
+            avg_visible_keys=kbar,
+            flops_method=f"from the selection: density {selection.density:.4f} exact + "
+            f"{selection.compressed_density or 0.0:.4f} compressed entries (estimator not counted)",
+        )
+    elif spec.exact and spec.module is None:
         try:
             kbar, method = avg_visible_keys(name, resolved, nq, nk, causal)
         except Exception as e:  # a pattern we cannot count: report, never guess
@@ -136,3 +155,16 @@ def count_flops(
         return out
     out["flops"] = fwd * (1.0 + BACKWARD_FACTOR) if backward else fwd
     return out
+
+
+def oracle_flops(
+    density: float, *, batch: int, heads: int, nq: int, nk: int, head_dim: int, v_dim: int, causal: bool
+) -> dict[str, Any]:
+    """FLOPs of exact attention over a ``density`` share of the reachable entries (the oracle)."""
+    reach, _ = avg_visible_keys("full", {}, nq, nk, causal)
+    kbar = density * reach
+    return {
+        "flops": 2.0 * batch * heads * nq * kbar * (head_dim + v_dim),
+        "avg_visible_keys": kbar,
+        "flops_method": "oracle: density × reachable keys (the selection itself not counted)",
+    }
