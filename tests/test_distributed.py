@@ -128,3 +128,22 @@ def test_the_single_process_path_never_imports_distributed():
             continue  # the package itself, and the benchmark tool on top of it
         imported = _imports(path, package)
         assert not any(m.startswith("sparse_linear_attn.distributed") for m in imported), f"{rel} imports it"
+
+
+def test_sla_bench_distributed_records_time_memory_and_bytes(tmp_path):
+    import json
+
+    from sparse_linear_attn.bench.cli import main
+
+    argv = ["distributed", "--worlds", "1,2", "--seq-len", "64", "--heads", "2", "--head-dim", "8"]
+    argv += ["--variants", "full:strategy=ring", "sliding_window:window=4,strategy=halo", "--repeats", "1"]
+    assert main([*argv, "--out", str(tmp_path), "--timeout", "60"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "distributed.jsonl").read_text().splitlines()]
+    assert {(r["variant"], r["world"], r["rank"]) for r in records} == {
+        (v, w, r) for v in ("full [ring]", "sliding_window:window=4 [halo]") for w in (1, 2) for r in range(w)
+    }
+    for r in records:
+        assert r["wall_ms"] > 0 and r["cpu_ms"] > 0 and r["peak_bytes"] is not None
+        assert abs(r["counted_bytes"] - r["formula_bytes"]) < 2, r
+        if r["socket_bytes"] is not None:  # Linux: what the process wrote to its sockets
+            assert r["socket_bytes"] >= r["counted_bytes"], r
