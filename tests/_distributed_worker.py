@@ -101,6 +101,10 @@ def cases(world: int) -> list[Case]:
                 continue
             for causal in (False, True):
                 out.append(Case(variant, strategy, causal, "contiguous", True, True, params, label, uneven=True))
+    # Performer drawing a fresh projection (training with redraw=True).
+    for causal in (False, True):
+        params = {"num_features": 16, "chunk_size": 4, "redraw": True}
+        out.append(Case("performer", "scan", causal, "zigzag", True, True, params, "redraw"))
     # A per-head block layout (sliced per rank by ulysses, read per head by the block fetch).
     nb = world_shape(world)["n"] // 3
     heads = world_shape(world)["heads"]
@@ -148,10 +152,16 @@ def check_case(sla, world: int, rank: int, case: Case) -> None:
     params = dict(case.params)
     if "block_layout" in params:  # sla.distributed's name for block_sparse's `layout`
         params["layout"] = params.pop("block_layout")
+    if params.get("redraw"):
+        # A fresh FAVOR+ projection is drawn from torch's generator: the ranks' generators
+        # differ here, and only rank 0's draws as the single-process call did (its is used).
+        torch.manual_seed(1234)
     ref = sla.attention(*leaves, case.variant, causal=case.causal, key_padding_mask=mask, backend="math", **params)
     (ref * w).sum().backward()
     lay = case.layout
     mine = [dist.shard(t, layout=lay).clone().requires_grad_() for t in (q, k, v)]
+    if params.get("redraw"):
+        torch.manual_seed(1234 + rank)
     out = dist.attention(
         *mine,
         case.variant,
