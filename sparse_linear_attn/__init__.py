@@ -11,10 +11,12 @@ k ``(B, Hkv, Nk, D)``, v ``(B, Hkv, Nk, Dv)``.
 from . import variants as _variants  # noqa: F401  (registers the built-in variants)
 from .api import AttentionModule, attention, build, dense_mask
 from .config import AttentionConfig
+from .estimators import available_estimators, register_estimator
 from .feature_maps import available_feature_maps, register_feature_map
 from .metrics import relative_error
 from .nn import ALiBi, MultiheadAttention, RotaryEmbedding, SinusoidalPositionalEncoding, swap_attention
 from .registry import available_variants, describe, register_variant, unregister_variant
+from .selection import Selection, selection
 
 __version__ = "0.1.0"
 
@@ -26,14 +28,18 @@ __all__ = [
     "swap_attention",
     "AttentionConfig",
     "AttentionModule",
+    "Selection",
     "attention",
+    "available_estimators",
     "available_feature_maps",
     "available_variants",
     "build",
     "dense_mask",
     "describe",
+    "register_estimator",
     "register_feature_map",
     "register_variant",
     "relative_error",
+    "selection",
     "unregister_variant",
 ]
