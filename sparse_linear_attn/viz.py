@@ -89,7 +89,7 @@ def render_named_patterns(
 ) -> list[str]:
     """Write a PNG of every named sparse pattern (what docs/sparse.md shows); returns the paths."""
     import sparse_linear_attn as sla
-    from sparse_linear_attn.variants.block_sparse import PATTERNS
+    from sparse_linear_attn.patterns import PATTERNS
 
     os.makedirs(out_dir, exist_ok=True)
     written = []

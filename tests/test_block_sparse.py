@@ -14,8 +14,8 @@ from _reference import pattern_attention, strided_qkv
 from _trace import LargestTensor
 
 import sparse_linear_attn as sla
+from sparse_linear_attn.patterns import pattern_layout
 from sparse_linear_attn.variants import block_sparse as bs_mod
-from sparse_linear_attn.variants.block_sparse import pattern_layout
 
 
 def element_mask(layout, nq, nk, bs, causal):

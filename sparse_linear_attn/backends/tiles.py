@@ -3,13 +3,11 @@
     out = softmax(q·kᵀ·scale + bias, masked where not keep) · v        per tile
 
 ``sliding_window`` and ``block_sparse`` cut attention into tiles of 32–64 queries over a few
-hundred keys. For such tiles on CPU, ``baddbmm → softmax → bmm`` measured faster than the fused
-SDPA kernel and, unlike it, kept its speed when the 2-core VM this library is developed on went
-through its recurring slow phases (sliding_window at N=16384, window 256, same process: ~91 vs
-~101 ms normally, ~95 vs ~137 ms in a slow phase; see docs/sparse.md). The score tile is
-materialised, so it is used only where that is cheap and safe: on CPU, without autograd (which
-would keep every tile's probabilities), in float32/float64 (half precisions keep SDPA, which
-accumulates in float32). Callers bound the tiles per call, so the scores stay cache-sized.
+hundred keys. For such tiles on CPU, ``baddbmm → softmax → bmm`` is faster and steadier than
+the fused SDPA kernel (figures in docs/sparse.md). The score tile is materialised, so it is
+used only where that is cheap and safe: on CPU, without autograd (which would keep every
+tile's probabilities), in float32/float64 (half precisions keep SDPA, which accumulates in
+float32). Callers bound the tiles per call, so the scores stay cache-sized.
 """
 
 from __future__ import annotations

@@ -322,81 +322,57 @@ def _math_reference(pt: _Point, bv: BenchVariant, causal: bool, s: SweepSettings
     return pt.refs[key]
 
 
-def measure(bv: BenchVariant, pt: _Point, s: SweepSettings) -> dict[str, Any]:
-    """Every field of one (variant, N) measurement except the identifying ones and env."""
-    spec = registry.get(bv.name)
-    info = sla.describe(bv.name)
-    dev = pt.device
-    B, H, N, D = pt.shape
-    rec: dict[str, Any] = {
-        "status": "ok",
-        "reason": None,
-        "backend": None,
-        "exact": info.exact,
-        "cost": info.cost,
-        "repeats_done": 0,
-        "first_call_ms": None,
-        "time_ms_median": None,
-        "time_ms_p25": None,
-        "time_ms_p75": None,
-        "time_ms_min": None,
-        "time_ms_max": None,
-        "peak_mem_mb": None,
-        "mem_method": None,
-        "avg_visible_keys": None,
-        "flops": None,
-        "flops_method": None,
-        "tflops": None,
-        "rel_error_vs_full": None,
-        "error_reference": None,
-        "rel_error_backend": None,
-        "backend_reference": None,
-        "error_note": None,
-        "e2e_cosine": None,
-        "e2e_cosine_min": None,
-        "e2e_note": None,
-    }
-    rec.update(
-        count_flops(
-            bv.name, bv.params, batch=B, heads=H, nq=N, nk=N, head_dim=D, v_dim=D, causal=s.causal, backward=s.backward
-        )
-    )
-    notes: list[str] = list(pt.notes)
+#: Fields of a measurement besides the identifying ones (``KEY_FIELDS``), ``env`` and ``timestamp``.
+MEASURED_FIELDS = (
+    "status", "reason", "backend", "exact", "cost", "repeats_done", "first_call_ms", "time_ms_median",
+    "time_ms_p25", "time_ms_p75", "time_ms_min", "time_ms_max", "peak_mem_mb", "mem_method", "avg_visible_keys",
+    "flops", "flops_method", "tflops", "rel_error_vs_full", "error_reference", "rel_error_backend",
+    "backend_reference", "error_note", "e2e_cosine", "e2e_cosine_min", "e2e_note",
+)  # fmt: skip
 
+
+class _Unsupported(Exception):
+    """This point cannot run (the variant or backend cannot take the call): recorded, not raised."""
+
+    def __init__(self, status: str, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def _step(bv: BenchVariant, pt: _Point, s: SweepSettings) -> tuple[Callable[[], torch.Tensor], str, bool]:
+    """``(step, backend, learned)``: one timed call (forward, or forward + backward), the backend
+    it runs on, and whether the variant has learned parameters. Raises :class:`_Unsupported`."""
+    spec = registry.get(bv.name)
+    B, H, N, D = pt.shape
     leaves = [t.detach().clone().requires_grad_(s.backward) for t in (pt.q, pt.k, pt.v)]
     q, k, v = leaves
-    module = None
     try:
         if spec.module is not None:
             cfg = {"variant": bv.name, "causal": s.causal, **bv.params}
             if "head_dim" in spec.params and "head_dim" not in bv.params:
                 cfg["head_dim"] = D
             torch.manual_seed(s.seed)
-            module = sla.build(cfg).to(device=dev, dtype=pt.dtype)
-            rec["backend"] = "module"
+            module = sla.build(cfg).to(device=pt.device, dtype=pt.dtype)
+            backend = "module"
+
+            def forward() -> torch.Tensor:
+                return module(q, k, v)
         else:
             with torch.set_grad_enabled(s.backward):
                 p = prepare(spec, q, k, v, params=spec.resolve_params(bv.params), causal=s.causal, backend=bv.backend)
-            rec["backend"] = select_backend(p.spec, p.call, p.params, p.backend)
-    except (BackendUnavailableError, ValueError) as e:
-        rec.update(status="unsupported", reason=str(e))
-        return rec
+            backend = select_backend(p.spec, p.call, p.params, p.backend)
 
-    if rec["backend"] == "math" and dev.type == "cpu":
-        need = 3 * B * H * N * N * 4
-        avail = _available_bytes(dev)
+            def forward() -> torch.Tensor:
+                return sla.attention(q, k, v, bv.name, causal=s.causal, backend=backend, **bv.params)
+    except (BackendUnavailableError, ValueError) as e:
+        raise _Unsupported("unsupported", str(e)) from None
+    if backend == "math" and pt.device.type == "cpu":
+        need, avail = 3 * B * H * N * N * 4, _available_bytes(pt.device)
         if need > avail:
             # On CPU the kernel's OOM killer would end the process instead of raising.
-            rec.update(
-                status="oom",
-                reason=f"predicted: the math backend needs ~{_gib(need)}, {_gib(avail)} available; not run",
+            raise _Unsupported(
+                "oom", f"predicted: the math backend needs ~{_gib(need)}, {_gib(avail)} available; not run"
             )
-            return rec
-
-    def forward() -> torch.Tensor:
-        if module is not None:
-            return module(q, k, v)
-        return sla.attention(q, k, v, bv.name, causal=s.causal, backend=rec["backend"], **bv.params)
 
     grad_out = None
 
@@ -413,67 +389,99 @@ def measure(bv: BenchVariant, pt: _Point, s: SweepSettings) -> dict[str, Any]:
             t.grad = None
         return out.detach()
 
-    try:
-        first = _timed(step, dev)
-        rec["first_call_ms"] = first * 1e3
-        est = first
-        for _ in range(s.warmup if first * 3 < s.max_time_per_point else 0):
-            est = _timed(step, dev)
-        reps = max(1, min(s.repeats, int(s.max_time_per_point / max(est, 1e-9))))
-        if reps < s.repeats:
-            notes.append(f"repeats cut to {reps} by max_time_per_point={s.max_time_per_point:g}s")
-        times = [_timed(step, dev) for _ in range(reps)]
-        rec["repeats_done"] = reps
-        ms = sorted(t * 1e3 for t in times)
-        rec["time_ms_median"] = statistics.median(ms)
-        if len(ms) >= 2:
-            qs = statistics.quantiles(ms, n=4, method="inclusive")
-            rec["time_ms_p25"], rec["time_ms_p75"] = qs[0], qs[2]
+    return step, backend, spec.module is not None
+
+
+def _timings(step: Callable[[], torch.Tensor], dev: torch.device, s: SweepSettings, notes: list[str]):
+    """``(fields, out)``: first-call, repeat statistics and peak memory of ``step``, and its output."""
+    rec: dict[str, Any] = {}
+    first = _timed(step, dev)
+    rec["first_call_ms"] = first * 1e3
+    est = first
+    for _ in range(s.warmup if first * 3 < s.max_time_per_point else 0):
+        est = _timed(step, dev)
+    reps = max(1, min(s.repeats, int(s.max_time_per_point / max(est, 1e-9))))
+    if reps < s.repeats:
+        notes.append(f"repeats cut to {reps} by max_time_per_point={s.max_time_per_point:g}s")
+    ms = sorted(_timed(step, dev) * 1e3 for _ in range(reps))
+    rec["repeats_done"] = reps
+    rec["time_ms_median"] = statistics.median(ms)
+    if len(ms) >= 2:
+        qs = statistics.quantiles(ms, n=4, method="inclusive")
+        rec["time_ms_p25"], rec["time_ms_p75"] = qs[0], qs[2]
+    else:
+        rec["time_ms_p25"] = rec["time_ms_p75"] = ms[0]
+    rec["time_ms_min"], rec["time_ms_max"] = ms[0], ms[-1]
+    with measure_peak(dev) as mem:
+        out = step()
+    rec["peak_mem_mb"] = mem.bytes / 2**20
+    rec["mem_method"] = mem.method
+    return rec, out
+
+
+def _errors(out: torch.Tensor, bv: BenchVariant, pt: _Point, s: SweepSettings, backend: str, notes: list[str]):
+    """Error fields: against exact full attention, the fast backend against the variant's math
+    one, and (real inputs) the end-to-end embedding cosine."""
+    spec = registry.get(bv.name)
+    N, D = pt.shape[2], pt.shape[3]
+    rec: dict[str, Any] = {}
+    ref, how = _full_reference(pt, s.causal, spec.resolve_scale(None, D), s)
+    rec["error_reference"] = how
+    if ref is not None:
+        rec["rel_error_vs_full"] = float(sla.relative_error(out, ref))
+    else:
+        notes.append(how)
+    if "math" in spec.impls and backend != "math":
+        mref, mhow = _math_reference(pt, bv, s.causal, s)
+        rec["backend_reference"] = mhow
+        if mref is not None:
+            rec["rel_error_backend"] = float(sla.relative_error(out, mref))
         else:
-            rec["time_ms_p25"] = rec["time_ms_p75"] = ms[0]
-        rec["time_ms_min"], rec["time_ms_max"] = ms[0], ms[-1]
-        if rec["flops"]:
-            rec["tflops"] = rec["flops"] / (rec["time_ms_median"] / 1e3) / 1e12
-        with measure_peak(dev) as mem:
-            out = step()
-        rec["peak_mem_mb"] = mem.bytes / 2**20
-        rec["mem_method"] = mem.method
+            notes.append(mhow)
+    if s.inputs == "real":
+        from .real import MAX_POSITIONS, e2e_cosine
+
+        if N > MAX_POSITIONS:
+            rec["e2e_note"] = f"end-to-end skipped: the model has {MAX_POSITIONS} positions"
+        else:
+            try:
+                cos, how = e2e_cosine(bv.name, bv.params, bv.backend, n=N, batch=s.batch)
+                rec["e2e_cosine"], rec["e2e_cosine_min"], rec["e2e_note"] = float(cos.mean()), float(cos.min()), how
+            except Exception as e:  # noqa: BLE001 — recorded, the sweep goes on
+                rec["e2e_note"] = f"end-to-end failed: {type(e).__name__}: {e}"[:500]
+    return rec
+
+
+def measure(bv: BenchVariant, pt: _Point, s: SweepSettings) -> dict[str, Any]:
+    """Every field of one (variant, N) measurement except the identifying ones and env."""
+    info = sla.describe(bv.name)
+    B, H, N, D = pt.shape
+    rec: dict[str, Any] = dict.fromkeys(MEASURED_FIELDS)
+    rec.update(status="ok", exact=info.exact, cost=info.cost, repeats_done=0)
+    flops = count_flops(bv.name, bv.params, batch=B, heads=H, nq=N, nk=N, head_dim=D, v_dim=D, causal=s.causal,
+                        backward=s.backward)  # fmt: skip
+    rec.update(flops)
+    notes: list[str] = list(pt.notes)
+    try:
+        step, rec["backend"], learned = _step(bv, pt, s)
+    except _Unsupported as e:
+        rec.update(status=e.status, reason=e.reason)
+        return rec
+    try:
+        timings, out = _timings(step, pt.device, s, notes)
     except Exception as e:  # noqa: BLE001 — recorded, the sweep goes on
-        if dev.type == "cuda":
+        if pt.device.type == "cuda":
             torch.cuda.empty_cache()
         rec.update(status="oom" if is_oom(e) else "error", reason=f"{type(e).__name__}: {e}"[:2000])
         rec["error_note"] = "; ".join(notes) or None
         return rec
-
-    # Errors: against exact full attention, and the fast backend against the variant's math one.
-    if module is not None:
+    rec.update(timings)
+    if rec["flops"]:
+        rec["tflops"] = rec["flops"] / (rec["time_ms_median"] / 1e3) / 1e12
+    if learned:
         notes.append("learned score function (random init): no exact reference")
     else:
-        scale = spec.resolve_scale(None, D)
-        ref, how = _full_reference(pt, s.causal, scale, s)
-        rec["error_reference"] = how
-        if ref is not None:
-            rec["rel_error_vs_full"] = float(sla.relative_error(out, ref))
-        else:
-            notes.append(how)
-        if "math" in spec.impls and rec["backend"] != "math":
-            mref, mhow = _math_reference(pt, bv, s.causal, s)
-            rec["backend_reference"] = mhow
-            if mref is not None:
-                rec["rel_error_backend"] = float(sla.relative_error(out, mref))
-            else:
-                notes.append(mhow)
-        if s.inputs == "real":
-            from .real import MAX_POSITIONS, e2e_cosine
-
-            if N > MAX_POSITIONS:
-                rec["e2e_note"] = f"end-to-end skipped: the model has {MAX_POSITIONS} positions"
-            else:
-                try:
-                    cos, how = e2e_cosine(bv.name, bv.params, bv.backend, n=N, batch=s.batch)
-                    rec["e2e_cosine"], rec["e2e_cosine_min"], rec["e2e_note"] = float(cos.mean()), float(cos.min()), how
-                except Exception as e:  # noqa: BLE001
-                    rec["e2e_note"] = f"end-to-end failed: {type(e).__name__}: {e}"[:500]
+        rec.update(_errors(out, bv, pt, s, rec["backend"], notes))
     rec["error_note"] = "; ".join(notes) or None
     return rec
 

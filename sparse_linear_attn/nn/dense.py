@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends.math import masked_softmax
+from ..backends.sdpa import masked_sdpa
 from ..inputs import repeat_kv
 
 
@@ -58,12 +59,4 @@ def masked_biased_attention(
     if visible is None:
         attn_mask = None if bias is None else bias.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale), None
-    # Rows that see nothing are let see everything (finite for every SDPA kernel), then zeroed.
-    seen = visible.any(dim=-1, keepdim=True)
-    allowed = visible | ~seen
-    if bias is None:
-        attn_mask = allowed
-    else:
-        attn_mask = bias.to(q.dtype).masked_fill(~allowed, float("-inf"))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
-    return out * seen.to(out.dtype), None
+    return masked_sdpa(q, k, v, mask=visible, scale=scale, bias=bias, dropout_p=dropout_p), None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -68,6 +69,26 @@ def dense_capable(spec: registry.VariantSpec) -> bool:
     """An exact variant without learned parameters: softmax attention over a known pattern, so an
     arbitrary mask, a score bias or attention dropout can be honoured on the dense path."""
     return spec.exact and spec.module is None
+
+
+@dataclass(frozen=True)
+class _Masks:
+    """One call's masks: bool visibility (True = may attend) and finite float biases, each
+    broadcastable to ``(B, H, Nq, Nk)``, and what is left to ``causal``."""
+
+    nq: int
+    nk: int  # real keys, before any appended by add_bias_kv / add_zero_attn
+    causal: bool
+    pattern_causal: bool  # causal of the variant's pattern, placed on the real keys
+    kp_visible: torch.Tensor | None = None
+    kp_bias: torch.Tensor | None = None
+    am_visible: torch.Tensor | None = None
+    am_bias: torch.Tensor | None = None
+    appended: int = 0  # keys appended after the real ones
+
+    def bias(self) -> torch.Tensor | None:
+        biases = [b for b in (self.am_bias, self.kp_bias) if b is not None]
+        return None if not biases else biases[0] if len(biases) == 1 else biases[0] + biases[1]
 
 
 class MultiheadAttention(nn.Module):
@@ -350,6 +371,30 @@ class MultiheadAttention(nn.Module):
         return (w_q, b_q), (w_k, b_k), (w_v, b_v)
 
     def _attend(self, query, key, value, key_padding_mask, need_weights, attn_mask, average, is_causal):
+        """Batch-first ``(B, L, E)`` inputs → ``(out (B, L, E), weights or None)``."""
+        B, Nq, E = query.shape
+        Nk = key.shape[1]
+        q, k, v = self._project(query, key, value)
+        masks = self._masks(key_padding_mask, attn_mask, is_causal, B, Nq, Nk, q.device)
+        k, v, masks = self._append_keys(k, v, masks)
+        dropout_p = self.dropout if self.training else 0.0
+        reasons = self._dense_reasons(masks, dropout_p)
+        if reasons:
+            out, weights = self._attend_dense(q, k, v, masks, reasons, dropout_p, need_weights)
+        else:
+            if need_weights and not self.spec.supports.weights:
+                raise ValueError(
+                    f"variant {self.spec.name!r} does not compute attention weights; call the layer with "
+                    f"need_weights=False (nn.MultiheadAttention's default is True; "
+                    f"nn.TransformerEncoderLayer already passes False)"
+                )
+            kpm = None if masks.kp_visible is None else ~masks.kp_visible[:, 0, 0, :]
+            res = self.attn(q, k, v, key_padding_mask=kpm, return_weights=need_weights, causal=masks.causal)
+            out, weights = res if need_weights else (res, None)
+        return self._finish(out, weights, B, Nq, E, average)
+
+    def _project(self, query, key, value):
+        """Checked batch-first inputs → q ``(B, H, Nq, D)``, k/v ``(B, Hkv, Nk, D)`` with positions applied."""
         B, Nq, E = query.shape
         Nk = key.shape[1]
         if E != self.embed_dim or key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
@@ -375,8 +420,10 @@ class MultiheadAttention(nn.Module):
         v = F.linear(value, w_v, b_v).reshape(B, Nk, Hkv, D).transpose(1, 2)
         if self.rotary is not None:
             q, k = self.rotary(q, k)
+        return q, k, v
 
-        # ---- masks: bool "visible" (True = may attend) and a finite float bias ----
+    def _masks(self, key_padding_mask, attn_mask, is_causal, B, Nq, Nk, device) -> _Masks:
+        """The call's masks as bool visibility and finite float bias; a causal mask becomes ``causal``."""
         causal = self.attn.config.causal
         kp_visible = kp_bias = None
         if key_padding_mask is not None:
@@ -389,7 +436,8 @@ class MultiheadAttention(nn.Module):
                 kp_visible, kp_bias = split_float_mask(kpm)
             else:
                 raise ShapeError(f"key_padding_mask must be bool (True = ignore) or float, got {kpm.dtype}")
-            kp_visible, kp_bias = kp_visible[:, None, None, :], (None if kp_bias is None else kp_bias[:, None, None, :])
+            kp_visible = kp_visible[:, None, None, :]
+            kp_bias = None if kp_bias is None else kp_bias[:, None, None, :]
         am_visible = am_bias = None
         if attn_mask is not None:
             am_visible, am_bias = self._split_attn_mask(attn_mask, B, Nq, Nk)
@@ -401,102 +449,102 @@ class MultiheadAttention(nn.Module):
         elif (
             am_visible is not None
             and am_bias is None
-            and bool((am_visible == causal_mask(Nq, Nk, device=q.device)).all())
+            and bool((am_visible == causal_mask(Nq, Nk, device=device)).all())
         ):
             causal, am_visible = True, None  # a causal mask given explicitly: the variant does it cheaply
+        return _Masks(Nq, Nk, causal, causal, kp_visible, kp_bias, am_visible, am_bias)
 
+    def _append_keys(self, k, v, masks: _Masks):
+        """``add_bias_kv`` / ``add_zero_attn``: keys (and mask columns) appended after the real ones,
+        visible to every query; with them, ``causal`` becomes an explicit mask on the real keys."""
         extra = (self.bias_k is not None) + bool(self.add_zero_attn)
-        pattern_causal = causal  # the variant's pattern is placed on the real keys, before any appended
-        if extra:
-            if causal:  # appended keys are visible to every query: causal becomes an explicit mask
-                c = causal_mask(Nq, Nk, device=q.device)[None, None]
-                am_visible = c if am_visible is None else am_visible & c
-                causal = False
-            if self.bias_k is not None:
-                k = torch.cat([k, self.bias_k.view(1, Hkv, 1, D).expand(B, -1, -1, -1)], dim=2)
-                v = torch.cat([v, self.bias_v.view(1, Hkv, 1, D).expand(B, -1, -1, -1)], dim=2)
-            if self.add_zero_attn:
-                k = torch.cat([k, k.new_zeros(B, Hkv, 1, D)], dim=2)
-                v = torch.cat([v, v.new_zeros(B, Hkv, 1, D)], dim=2)
-            grow = lambda t, fill: None if t is None else F.pad(t, (0, extra), value=fill)  # noqa: E731
-            kp_visible, kp_bias = grow(kp_visible, True), grow(kp_bias, 0.0)
-            am_visible, am_bias = grow(am_visible, True), grow(am_bias, 0.0)
-        Nk_all = k.shape[2]
+        if not extra:
+            return k, v, masks
+        B, Hkv, Nk, D = k.shape
+        am_visible = masks.am_visible
+        if masks.causal:
+            c = causal_mask(masks.nq, Nk, device=k.device)[None, None]
+            am_visible = c if am_visible is None else am_visible & c
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.view(1, Hkv, 1, D).expand(B, -1, -1, -1)], dim=2)
+            v = torch.cat([v, self.bias_v.view(1, Hkv, 1, D).expand(B, -1, -1, -1)], dim=2)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(B, Hkv, 1, D)], dim=2)
+            v = torch.cat([v, v.new_zeros(B, Hkv, 1, D)], dim=2)
 
-        bias = None
-        for b in (am_bias, kp_bias):
-            if b is not None:
-                bias = b if bias is None else bias + b
-        if self.alibi is not None:
-            ab = self.alibi(Nq, Nk, device=q.device, dtype=torch.promote_types(q.dtype, torch.float32))
-            ab = F.pad(ab, (0, Nk_all - Nk))[None]
-            bias = ab if bias is None else bias + ab
-        dropout_p = self.dropout if self.training else 0.0
-        reasons = [
+        def grow(t, fill):
+            return None if t is None else F.pad(t, (0, extra), value=fill)
+
+        return (
+            k,
+            v,
+            replace(
+                masks,
+                causal=False,
+                appended=extra,
+                kp_visible=grow(masks.kp_visible, True),
+                kp_bias=grow(masks.kp_bias, 0.0),
+                am_visible=grow(am_visible, True),
+                am_bias=grow(masks.am_bias, 0.0),
+            ),
+        )
+
+    def _dense_reasons(self, masks: _Masks, dropout_p: float) -> list[str]:
+        """What this call asks that only the dense masked path can honour (empty: the variant runs)."""
+        extra = masks.appended > 0
+        return [
             r
             for r, on in (
-                ("an arbitrary attn_mask", am_visible is not None),
-                (
-                    "a float mask with finite non-zero entries (a score bias)",
-                    am_bias is not None or kp_bias is not None,
-                ),
+                ("an arbitrary attn_mask", masks.am_visible is not None),
+                ("a float mask with finite non-zero entries (a score bias)", masks.bias() is not None),
                 ("positional='alibi'", self.alibi is not None),
                 (f"attention dropout ({self.dropout}) in training", dropout_p > 0.0),
-                ("add_bias_kv/add_zero_attn with a causal mask", extra and am_visible is not None),
+                ("add_bias_kv/add_zero_attn with a causal mask", extra and masks.am_visible is not None),
                 # The appended keys sit outside the pattern (visible to every query): dense path.
                 ("add_bias_kv/add_zero_attn with a patterned variant", extra and self.spec.mask_fn is not None),
             )
             if on
         ]
 
+    def _attend_dense(self, q, k, v, masks: _Masks, reasons, dropout_p, need_weights):
+        """Exact variants on the dense masked path: their pattern ∩ the masks, plus any bias."""
         spec = self.spec
-        if reasons:
-            if not dense_capable(spec):
-                raise ValueError(
-                    f"variant {spec.name!r} cannot honour {' and '.join(reasons)}: it is not exact "
-                    f"softmax attention over a dense pattern, so it has no score matrix to mask or bias. "
-                    f"It takes is_causal=True (or the causal mask) and key_padding_mask. Variants that "
-                    f"take any mask: {', '.join(_dense_variants())}."
-                )
-            scale = self.attn.scale_for(D)
-            only_dropout = am_visible is None and kp_visible is None and bias is None and spec.mask_fn is None
-            if only_dropout and not need_weights and (not causal or Nq == Nk_all):
+        if not dense_capable(spec):
+            raise ValueError(
+                f"variant {spec.name!r} cannot honour {' and '.join(reasons)}: it is not exact "
+                f"softmax attention over a dense pattern, so it has no score matrix to mask or bias. "
+                f"It takes is_causal=True (or the causal mask) and key_padding_mask. Variants that "
+                f"take any mask: {', '.join(_dense_variants())}."
+            )
+        Nq, Nk, Nk_all = masks.nq, masks.nk, k.shape[2]
+        scale = self.attn.scale_for(self.head_dim)
+        bias = masks.bias()
+        if self.alibi is not None:
+            ab = self.alibi(Nq, Nk, device=q.device, dtype=torch.promote_types(q.dtype, torch.float32))
+            ab = F.pad(ab, (0, Nk_all - Nk))[None]
+            bias = ab if bias is None else bias + ab
+        visible_given = masks.am_visible is not None or masks.kp_visible is not None
+        if not visible_given and bias is None and spec.mask_fn is None and not need_weights:
+            if not masks.causal or Nq == Nk_all:
                 # Dropout alone keeps SDPA's fused kernels (top-left causal = ours when square).
+                gqa = q.shape[1] != k.shape[1]
                 out = F.scaled_dot_product_attention(
-                    q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=Hkv != H
+                    q, k, v, dropout_p=dropout_p, is_causal=masks.causal, scale=scale, enable_gqa=gqa
                 )
-                return self._finish(out, None, B, Nq, E, average)
-            params = self.attn.params
-            pattern = spec.mask_fn(Nq, Nk, causal=pattern_causal, **params) if spec.mask_fn is not None else None
-            if pattern is not None:
-                pattern = F.pad(pattern.to(q.device), (0, Nk_all - Nk), value=True)
-            visible = full_visibility(
-                Nq, Nk_all, causal=causal, key_padding_mask=None, pattern=pattern, device=q.device
-            )
-            for m in (am_visible, kp_visible):
-                if m is not None:
-                    visible = m if visible is None else visible & m
-            out, weights = masked_biased_attention(
-                q,
-                k,
-                v,
-                scale=scale,
-                visible=visible,
-                bias=bias,
-                dropout_p=dropout_p,
-                return_weights=need_weights,
-            )
-        else:
-            if need_weights and not spec.supports.weights:
-                raise ValueError(
-                    f"variant {spec.name!r} does not compute attention weights; call the layer with "
-                    f"need_weights=False (nn.MultiheadAttention's default is True; "
-                    f"nn.TransformerEncoderLayer already passes False)"
-                )
-            kpm_bool = None if kp_visible is None else ~kp_visible[:, 0, 0, :]
-            res = self.attn(q, k, v, key_padding_mask=kpm_bool, return_weights=need_weights, causal=causal)
-            out, weights = res if need_weights else (res, None)
-        return self._finish(out, weights, B, Nq, E, average)
+                return out, None
+        pattern = None
+        if spec.mask_fn is not None:
+            pattern = spec.mask_fn(Nq, Nk, causal=masks.pattern_causal, **self.attn.params)
+            pattern = F.pad(pattern.to(q.device), (0, Nk_all - Nk), value=True)
+        visible = full_visibility(
+            Nq, Nk_all, causal=masks.causal, key_padding_mask=None, pattern=pattern, device=q.device
+        )
+        for m in (masks.am_visible, masks.kp_visible):
+            if m is not None:
+                visible = m if visible is None else visible & m
+        return masked_biased_attention(
+            q, k, v, scale=scale, visible=visible, bias=bias, dropout_p=dropout_p, return_weights=need_weights
+        )
 
     def _finish(self, out, weights, B, Nq, E, average):
         out = self.out_proj(out.transpose(1, 2).reshape(B, Nq, E))

@@ -4,17 +4,8 @@
                              (and, with causal=True, j ≤ i + Nk − Nq, applied element by element)
 
 The layout is a bool ``(Nq_blocks, Nk_blocks)`` tensor — or ``(H, Nq_blocks, Nk_blocks)`` per
-head — given as ``layout=`` or built from a named ``pattern=`` (see :data:`PATTERNS`):
-
-* ``local``: the own block and ``num_local_blocks − 1`` blocks on each side;
-* ``strided`` (Child et al. 2019): ``local`` with ``num_local_blocks = stride``, plus every
-  block a multiple of ``stride`` blocks away;
-* ``fixed`` (Child et al. 2019): blocks in the same chunk of ``num_local_blocks`` blocks, plus
-  the last ``num_global_blocks`` blocks of every chunk ("summary" blocks), seen by all;
-* ``longformer``: ``local`` plus ``num_global_blocks`` global blocks at the start, which see
-  and are seen by every block;
-* ``bigbird``: ``longformer`` plus ``num_random_blocks`` random key blocks per query block,
-  drawn from ``seed`` (deterministic; with ``causal=True`` drawn among past blocks).
+head — given as ``layout=`` or built from a named ``pattern=`` (local, strided, fixed,
+longformer, bigbird: see :mod:`sparse_linear_attn.patterns`).
 
 Block positions are bottom-right aligned like ``causal``: query block ``a`` sits at key block
 ``a + Nk_blocks − Nq_blocks``. With ``causal=True`` the causal mask is applied inside tiles, so
@@ -35,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from functools import lru_cache
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,16 +35,16 @@ from torch.utils.checkpoint import checkpoint
 
 from ..backends.flex import block_mask_from_layout, cached_block_mask, flex_run, flex_skip_in_auto
 from ..backends.math import dense_attention
+from ..backends.sdpa import masked_sdpa, open_empty_rows
 from ..backends.tiles import tile_attention, use_bmm_tiles
-from ..errors import ParameterError, UnknownNameError, unknown_name_message
+from ..errors import ParameterError, unknown_name_message
 from ..inputs import causal_offset, full_visibility
+from ..patterns import PATTERNS, shared_pattern_layout
 from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least
 
 #: Elements of the gathered key (and value) tiles built at once, on CPU without autograd. Small
 #: on purpose: a group's copies should stay in cache and under glibc's mmap threshold (32 MiB),
-#: above which every group's buffers are freshly mapped and page-faulted in. At 2²³ those faults
-#: and cache misses cost more than the tile gathers themselves (bigbird, N=16384: 233 ms at 2²³,
-#: 144 ms at 2²⁰, same process; see docs/sparse.md).
+#: above which every group's buffers are freshly mapped and page-faulted in (docs/sparse.md).
 GROUP_ELEMENTS = 1 << 20
 #: With autograd each group is a checkpointed node: fewer, larger ones measured faster.
 GRAD_GROUP_ELEMENTS = 1 << 22
@@ -62,85 +53,9 @@ DEVICE_GROUP_ELEMENTS = 1 << 23
 #: Rows of one width needed to give them a group of their own with a shared constant mask.
 MIN_UNIFORM_ROWS = 8
 
-PATTERNS = ("bigbird", "fixed", "local", "longformer", "strided")
-
-#: Which parameters each named pattern reads.
-PATTERN_PARAMS = {
-    "local": ("num_local_blocks",),
-    "strided": ("stride",),
-    "fixed": ("num_local_blocks", "num_global_blocks"),
-    "longformer": ("num_local_blocks", "num_global_blocks"),
-    "bigbird": ("num_local_blocks", "num_global_blocks", "num_random_blocks", "seed"),
-}
-
 
 def _blocks(n: int, block_size: int) -> int:
     return -(-n // block_size)
-
-
-def pattern_layout(*args, **kwargs) -> torch.Tensor:
-    """The bool ``(nq_blocks, nk_blocks)`` layout of a named pattern (see the module docstring).
-
-    ``pattern_layout(pattern, nq_blocks, nk_blocks, *, causal=False, num_local_blocks=3,
-    num_global_blocks=1, num_random_blocks=2, stride=4, seed=0)``; cached, returns a copy.
-    """
-    return _pattern_layout(*args, **kwargs).clone()
-
-
-@lru_cache(maxsize=64)
-def _pattern_layout(
-    pattern: str,
-    nq_blocks: int,
-    nk_blocks: int,
-    *,
-    causal: bool = False,
-    num_local_blocks: int = 3,
-    num_global_blocks: int = 1,
-    num_random_blocks: int = 2,
-    stride: int = 4,
-    seed: int = 0,
-) -> torch.Tensor:
-    if not isinstance(pattern, str) or pattern not in PATTERNS:
-        raise UnknownNameError(unknown_name_message("block_sparse pattern", str(pattern), PATTERNS))
-    a = torch.arange(nq_blocks)[:, None] + (nk_blocks - nq_blocks)  # aligned query block
-    b = torch.arange(nk_blocks)[None, :]
-    d = a - b  # > 0: key block in the past
-
-    def need(name: str, value: int, limit: int, what: str) -> None:
-        if value > limit:
-            raise ParameterError(
-                f"block_sparse pattern {pattern!r}: {name}={value} does not fit the sequence, which "
-                f"has {nk_blocks} key block(s) of block_size; accepted: {name} <= {limit} ({what})."
-            )
-
-    if pattern == "local":
-        return d.abs() < num_local_blocks
-    if pattern == "strided":
-        need("stride", stride, nk_blocks, "the number of key blocks")
-        return (d.abs() < stride) | (d % stride == 0)
-    if pattern == "fixed":
-        need("num_local_blocks", num_local_blocks, nk_blocks, "the number of key blocks")
-        if num_global_blocks > num_local_blocks:
-            raise ParameterError(
-                f"block_sparse pattern 'fixed': num_global_blocks={num_global_blocks} must be <= "
-                f"num_local_blocks={num_local_blocks} (summary blocks are the last ones of each chunk)."
-            )
-        same_chunk = torch.div(a, num_local_blocks, rounding_mode="floor") == b // num_local_blocks
-        summary = (b % num_local_blocks) >= num_local_blocks - num_global_blocks
-        return same_chunk | summary
-    need("num_global_blocks", num_global_blocks, nk_blocks, "the number of key blocks")
-    if pattern == "bigbird":
-        need("num_random_blocks", num_random_blocks, nk_blocks, "the number of key blocks")
-    layout = (d.abs() < num_local_blocks) | (b < num_global_blocks) | (a < num_global_blocks)
-    if pattern == "bigbird":
-        # Random blocks come from those not already visible (and, causal, not in the future):
-        # the num_random_blocks highest of a seeded uniform draw over the allowed ones.
-        gen = torch.Generator().manual_seed(seed)
-        allowed = ~layout & ((b <= a) if causal else torch.ones_like(layout))
-        score = torch.rand(nq_blocks, nk_blocks, generator=gen).masked_fill(~allowed, -1.0)
-        top, idx = score.topk(min(num_random_blocks, nk_blocks), dim=-1)
-        layout = layout.scatter(1, idx, top >= 0) | layout
-    return layout
 
 
 def check_layout(layout: Any, nq_blocks: int, nk_blocks: int, heads: int | None = None) -> torch.Tensor:
@@ -174,7 +89,7 @@ def resolve_layout(nq: int, nk: int, *, causal: bool, heads: int | None = None, 
     if params.get("layout") is not None:
         return check_layout(params["layout"], nqb, nkb, heads)
     names = ("num_local_blocks", "num_global_blocks", "num_random_blocks", "stride", "seed")
-    return _pattern_layout(
+    return shared_pattern_layout(
         params.get("pattern") or "local", nqb, nkb, causal=causal, **{n: params[n] for n in names if n in params}
     )
 
@@ -268,119 +183,174 @@ def _diagonal_mask(c: int, bs: int, dtype: torch.dtype, device: torch.device) ->
     return mask
 
 
-def _group(
-    q,
-    k,
-    v,
-    kpm,
-    rows,
-    counts,
-    cols,
-    *,
-    bs,
-    causal,
-    scale,
-    nq,
-    nk,
-    per_head,
-    mask_kind,
-    fix_empty,
-    diagonal=None,
-    bufs=None,
-    bmm=False,
-):
+@dataclass
+class _TilePlan:
+    """What every group of one call shares (see :func:`block_attention`)."""
+
+    bs: int
+    nq: int
+    nk: int
+    causal: bool
+    scale: float
+    per_head: bool  # layout (H, nqb, nkb): rows are head·nqb + block, one head each
+    counts: torch.Tensor  # (rows,) visible key blocks of each row
+    cols: torch.Tensor  # (rows, nkb) key blocks of each row, visible ones first
+    # A query can end up seeing nothing (padding, a causal offset off the block grid): such
+    # rows are opened to every key and zeroed afterwards (backends.sdpa.open_empty_rows).
+    fix_empty: bool
+    bmm: bool  # run tiles through tile_attention (CPU, no grad, float32/64) instead of SDPA
+    # (k tiles, v tiles, scores) buffers lent to every group when there is no autograd.
+    bufs: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+
+
+def _group_mask(plan: _TilePlan, kpm, rows, kb, nqp: int, nkp: int) -> torch.Tensor:
+    """Bool ``(B|1, g, bs|1, c·bs)``: which gathered keys each query of the group may see."""
+    bs, nk, dev = plan.bs, plan.nk, rows.device
+    g, c = kb.shape
+    a = rows % (nqp // bs)
+    ar = torch.arange(bs, device=dev)
+    j = (kb[:, :, None] * bs + ar).flatten(1)  # (g, c·bs) key positions
+    used = (torch.arange(c, device=dev)[None, :] < plan.counts[rows][:, None]).repeat_interleave(bs, 1)
+    # Unused slots and keys past the end get a position no query may see.
+    j = j.masked_fill(~used | (j >= nk), nk + nqp + nkp)
+    if plan.causal:
+        limit = a[:, None] * bs + ar + causal_offset(plan.nq, nk)
+    else:
+        limit = torch.full((g, 1), nk - 1, device=dev)
+    mask = (j[:, None, :] <= limit[:, :, None])[None]
+    if kpm is not None:
+        mask = mask & ~kpm[:, j.clamp(max=nkp - 1)][:, :, None, :]
+    return mask
+
+
+def _group(plan: _TilePlan, q, k, v, kpm, rows, mask_kind: str | None, diagonal=None):
     """Attention of one group of rows over their gathered key tiles.
 
     Returns ``(out, qidx)``: ``out (B·g·H', bs, Dv)`` and the rows of ``q.view(-1, bs, D)`` it
     belongs to. Shared layout: ``rows`` are query blocks and all heads run together
     (grouped-query heads share their key tiles, ``H' = H``). Per-head layout: ``rows`` are flat
     ``head·nqb + block`` indices (``H' = 1``). Tiles are gathered with ``index_select`` on whole
-    ``(bs, D)`` tiles, straight into SDPA's layout. With ``bmm`` (CPU, no grad, float32/64)
-    the attention runs through :func:`tile_attention` instead of SDPA.
+    ``(bs, D)`` tiles, straight into the kernel's layout. ``mask_kind``: ``None`` (every
+    gathered key visible), ``"diagonal"`` (all visible but the last tile, the causal diagonal;
+    ``diagonal`` is its prebuilt additive mask) or ``"general"`` (a mask built per row).
     """
+    bs = plan.bs
     B, H, nqp, D = q.shape
     Hkv, nkp, Dv = k.shape[1], k.shape[2], v.shape[3]
     nqb, nkb = nqp // bs, nkp // bs
     dev = q.device
     g = rows.shape[0]
-    c = int(counts[rows].max())
-    kb = cols[rows, :c]  # (g, c) key blocks of each row, visible ones first
-    a = rows % nqb
+    c = int(plan.counts[rows].max())
+    kb = plan.cols[rows, :c]  # (g, c) key blocks of each row, visible ones first
     bi = torch.arange(B, device=dev)[:, None, None]
-    if per_head:
+    if plan.per_head:
         h = (rows // nqb)[None, :, None]  # (1, g, 1)
         hk = h // (H // Hkv)
     else:
         h = torch.arange(H, device=dev)[None, None, :]
         hk = torch.arange(Hkv, device=dev)[None, None, :]
-    qidx = ((bi * H + h) * nqb + a[None, :, None]).flatten()  # (B·g·H')
+    qidx = ((bi * H + h) * nqb + (rows % nqb)[None, :, None]).flatten()  # (B·g·H')
     kidx = (((bi * Hkv + hk) * nkb)[..., None] + kb[None, :, None, :]).flatten()  # (B·g·Hk'·c)
     hq_, hk_ = h.shape[-1], hk.shape[-1]
     qg = q.reshape(-1, bs * D).index_select(0, qidx).view(B * g, hq_, bs, D)
     # Without autograd the caller lends reusable buffers: they stay warm in cache.
+    bufs = plan.bufs
     fits = bufs is not None and bufs[0].shape[0] >= kidx.shape[0]
     kbuf, vbuf = (bufs[0][: kidx.shape[0]], bufs[1][: kidx.shape[0]]) if fits else (None, None)
     kg = torch.index_select(k.reshape(-1, bs * D), 0, kidx, out=kbuf).view(B * g, hk_, c * bs, D)
     vg = torch.index_select(v.reshape(-1, bs * Dv), 0, kidx, out=vbuf).view(B * g, hk_, c * bs, Dv)
-    mask = visible = None
-    if mask_kind == "diagonal":
-        # Every tile but the last is wholly visible; the last is the causal diagonal. SDPA gets
-        # the (bs, c·bs) row mask; tile_attention adds just the (bs, bs) triangle to the last tile.
-        mask = diagonal if diagonal is not None else _diagonal_mask(1 if bmm else c, bs, q.dtype, dev)
-    elif mask_kind == "general":
-        ar = torch.arange(bs, device=dev)
-        j = (kb[:, :, None] * bs + ar).flatten(1)  # (g, c·bs) key positions
-        used = (torch.arange(c, device=dev)[None, :] < counts[rows][:, None]).repeat_interleave(bs, 1)
-        # Unused slots and keys past the end get a position no query may see.
-        j = j.masked_fill(~used | (j >= nk), nk + nqp + nkp)
-        limit = (a[:, None] * bs + ar + causal_offset(nq, nk)) if causal else torch.full((g, 1), nk - 1, device=dev)
-        mask = (j[:, None, :] <= limit[:, :, None])[None]  # (1, g, bs|1, c·bs)
-        if kpm is not None:
-            mask = mask & ~kpm[:, j.clamp(max=nkp - 1)][:, :, None, :]
-        if fix_empty:
-            # A query seeing no key would make some kernels return NaN: let it see everything,
-            # then zero its output (and so its gradient).
-            visible = mask.any(-1, keepdim=True)
-            mask = mask | ~visible
-        mask = mask.expand(B, g, mask.shape[2], c * bs).reshape(B * g, 1, mask.shape[2], c * bs)
-    if bmm:
+    L = c * bs
+    gqa = hq_ != hk_
+    mask = None
+    if mask_kind == "general":
+        mask = _group_mask(plan, kpm, rows, kb, nqp, nkp)
+        mask = mask.expand(B, g, mask.shape[2], L).reshape(B * g, 1, mask.shape[2], L)
+    if plan.bmm:
         # Query heads that share a key/value head are stacked, so each gathered tile is read once.
-        rep, n, L = hq_ // hk_, B * g * hk_, c * bs
-        bias = keep = None
+        rep, n = hq_ // hk_, B * g * hk_
+        bias = keep = seen = None
         if mask_kind == "diagonal":
-            bias = mask if rep == 1 else mask.repeat(rep, 1)
-        elif mask_kind == "general":
+            # Just the (bs, bs) triangle, added to the last tile's scores.
+            bias = diagonal if diagonal is not None else _diagonal_mask(1, bs, q.dtype, dev)
+            bias = bias if rep == 1 else bias.repeat(rep, 1)
+        elif mask is not None:
+            if plan.fix_empty:  # tile_attention needs a visible key in every row
+                mask, seen = open_empty_rows(mask)
             keep = mask[:, :, None].expand(B * g, hk_, rep, bs, L).reshape(n, rep * bs, L)
         out = tile_attention(
             qg.reshape(n, rep * bs, D),
             kg.reshape(n, L, D),
             vg.reshape(n, L, Dv),
-            scale=scale,
+            scale=plan.scale,
             bias=bias,
             keep=keep,
-            scores=bufs[2] if fits else None,
+            scores=bufs[2] if fits and bufs is not None else None,
         ).view(B * g, hq_, bs, Dv)
+        if seen is not None:
+            out = out * seen.to(out.dtype)
+    elif mask is not None and plan.fix_empty:
+        out = masked_sdpa(qg, kg, vg, mask=mask, scale=plan.scale)
     else:
-        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale, enable_gqa=hq_ != hk_)
-    if visible is not None:
-        out = out * visible.expand(B, g, bs, 1).reshape(B * g, 1, bs, 1).to(out.dtype)
+        # A general mask with no empty row, the (bs, c·bs) additive mask of a diagonal group, or none.
+        if mask_kind == "diagonal":
+            mask = diagonal if diagonal is not None else _diagonal_mask(c, bs, q.dtype, dev)
+        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=plan.scale, enable_gqa=gqa)
     return out.reshape(B * g * hq_, bs * Dv), qidx
 
 
-def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, **params):
-    """Exact block-sparse attention gathering only the active tiles (see the module docstring)."""
-    if return_weights:
-        return block_sparse_reference(
-            q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, return_weights=True, **params
-        )
+def _groups(widths: list[int], simple: list[bool], *, blocks_per_group: int, uniform_ok: bool, causal: bool):
+    """``(start, stop, mask_kind)`` for consecutive groups of the sorted rows.
+
+    Rows are sorted by (width, kind). A group grows while its rows, padded to its widest, stay
+    within ``blocks_per_group`` key blocks, and — where a shared constant mask can serve
+    (``mask_kind`` None or ``"diagonal"``) — within one width and kind. Runs shorter than
+    :data:`MIN_UNIFORM_ROWS` join a ``"general"`` group: fewer, larger ops beat a constant mask.
+    Rows that see no block are skipped (their output stays zero).
+    """
+    n_rows = len(widths)
+    start = next((r for r, n in enumerate(widths) if n > 0), n_rows)
+    while start < n_rows:
+        c0, s0 = widths[start], simple[start]
+        run = start + 1
+        while run < n_rows and run - start < MIN_UNIFORM_ROWS and (widths[run], simple[run]) == (c0, s0):
+            run += 1
+        uniform = uniform_ok and (s0 or not causal) and run - start >= min(MIN_UNIFORM_ROWS, n_rows - start)
+        stop = start + 1
+        while (
+            stop < n_rows
+            and (stop + 1 - start) * widths[stop] <= blocks_per_group
+            and (not uniform or (widths[stop], simple[stop]) == (c0, s0))
+        ):
+            stop += 1
+        yield start, stop, (("diagonal" if causal else None) if uniform else "general")
+        start = stop
+
+
+def block_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: torch.Tensor,
+    *,
+    block_size: int,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Exact softmax attention over the ``block_size`` tiles a block layout allows: the tiled
+    kernel of the ``torch`` backend (see the module docstring for the math and the cost).
+
+    q ``(B, H, Nq, D)``, k ``(B, Hkv, Nk, D)``, v ``(B, Hkv, Nk, Dv)``; ``layout`` bool
+    ``(Nq_blocks, Nk_blocks)`` or per head ``(H, Nq_blocks, Nk_blocks)``. Returns ``out``
+    ``(B, H, Nq, Dv)``; a query that sees no key gets a zero row.
+    """
     B, H, nq, D = q.shape
     Hkv, nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    bs = params["block_size"]
-    layout = resolve_layout(nq, nk, causal=causal, heads=H, **params)
+    bs = block_size
+    dev = q.device
     per_head = layout.dim() == 3
     order, counts, cols, simple = _row_plan(layout.cpu(), causal, nq, nk, bs)
-    counts_sorted, simple_sorted = counts[order].tolist(), simple[order].tolist()
-    order, counts, cols = order.to(q.device), counts.to(q.device), cols.to(q.device)
+    widths, kinds = counts[order].tolist(), simple[order].tolist()
     nqb, nkb = _blocks(nq, bs), _blocks(nk, bs)
     # Ragged lengths: pad to whole blocks (padded keys are masked out, padded queries dropped).
     # Tiles are gathered from (B·H·blocks, bs·D) views, so the inputs are made contiguous once.
@@ -391,81 +361,71 @@ def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weigh
     if kpm is not None and nk % bs:
         kpm = F.pad(kpm, (0, nkb * bs - nk), value=True)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    kw = dict(bs=bs, causal=causal, scale=scale, nq=nq, nk=nk, per_head=per_head)
-    budget = group_budget(q.device, grad)
-    bmm = use_bmm_tiles(q, grad)
+    off = causal_offset(nq, nk)
+    plan = _TilePlan(
+        bs=bs, nq=nq, nk=nk, causal=causal, scale=scale, per_head=per_head, counts=counts.to(dev),
+        cols=cols.to(dev), fix_empty=kpm is not None or (causal and (off % bs != 0 or nq > nk)),
+        bmm=use_bmm_tiles(q, grad),
+    )  # fmt: skip
+    budget = group_budget(dev, grad)
     # Elements per key block of one row: its k and v tiles (all kv heads when shared) and, with
     # bmm, its (bs, bs) score tiles (all query heads); the budget bounds the largest of them.
-    tile_dim = max(D, Dv, bs if bmm else 0)
+    tile_dim = max(D, Dv, bs if plan.bmm else 0)
     per_block = B * bs * tile_dim * (1 if per_head else max(H, Hkv))
-    off = causal_offset(nq, nk)
-    ragged = nk % bs != 0
-    # A query can end up seeing nothing only with padding or a causal offset off the grid.
-    fix_empty = kpm is not None or (causal and (off % bs != 0 or nq > nk))
-    bufs = None  # gather buffers reused by every group (no autograd only)
-    diagonals: dict[int, torch.Tensor] = {}  # additive diagonal masks by row width, built once
-    n_rows = len(counts_sorted)
-    start = next((r for r, n in enumerate(counts_sorted) if n > 0), n_rows)
-    done, pieces = [], []
-    if grad or start > 0:
+    groups = list(
+        _groups(
+            widths, kinds, blocks_per_group=budget // per_block, causal=causal,
+            uniform_ok=kpm is None and (nk % bs == 0 or (causal and nq == nk)),
+        )
+    )  # fmt: skip
+    order = order.to(dev)
+    if grad or (groups and groups[0][0] > 0) or not groups:
         out = q.new_zeros(B * H * nqb, bs * Dv)  # rows that see no block stay zero
     else:
         out = q.new_empty(B * H * nqb, bs * Dv)  # every row is written below
-    while start < n_rows:
-        # Rows are sorted by (width, kind): grow the group within the budget and, where a
-        # shared constant mask can serve, within one width and kind.
-        c0, s0 = counts_sorted[start], simple_sorted[start]
-        run = start + 1
-        while run < n_rows and run - start < MIN_UNIFORM_ROWS and (counts_sorted[run], simple_sorted[run]) == (c0, s0):
-            run += 1
-        # Short runs are merged into a general group: fewer, larger ops beat a constant mask.
-        uniform = (
-            kpm is None
-            and (not ragged or (causal and nq == nk))
-            and (s0 or not causal)
-            and run - start >= min(MIN_UNIFORM_ROWS, n_rows - start)
-        )
-        stop = start + 1
-        while (
-            stop < n_rows
-            and (stop + 1 - start) * counts_sorted[stop] * per_block <= budget
-            and (not uniform or (counts_sorted[stop] == c0 and simple_sorted[stop] == s0))
-        ):
-            stop += 1
-        mask_kind = ("diagonal" if causal else None) if uniform else "general"
-        rows = order[start:stop]
-        gkw = dict(kw, mask_kind=mask_kind, fix_empty=fix_empty)
-        if mask_kind == "diagonal" and not grad:
-            mask_tiles = 1 if bmm else c0
-            if mask_tiles not in diagonals:
-                diagonals[mask_tiles] = _diagonal_mask(mask_tiles, bs, q.dtype, q.device)
-            gkw["diagonal"] = diagonals[mask_tiles]
-        if grad:
+    if grad:
+        pieces, done = [], []
+        for start, stop, kind in groups:
             # Recomputed in backward: the gathered tiles are not kept for the whole sequence.
-            piece, qidx = checkpoint(_group, qp, kp, vp, kpm, rows, counts, cols, use_reentrant=False, **gkw)
+            piece, qidx = checkpoint(_group, plan, qp, kp, vp, kpm, order[start:stop], kind, use_reentrant=False)
             pieces.append(piece)
             done.append(qidx)
+        if pieces:
+            out = out.index_copy(0, torch.cat(done), torch.cat(pieces))
         else:
-            if bufs is None:
-                # Tiles gathered per group: within the budget, or one row when a row alone is
-                # over, and never more than the call can need (a group pads its rows to its
-                # widest, so every row at the widest bounds any group). With bmm, each gathered
-                # tile meets one (bs, bs) score tile per query head sharing it.
-                per_row, widest = B * (1 if per_head else Hkv), max(counts_sorted)
-                tiles = min(max(budget // (bs * tile_dim), widest * per_row), (n_rows - start) * widest * per_row)
-                scores = qp.new_empty(tiles * bs * bs * (1 if per_head else H // Hkv)) if bmm else None
-                bufs = (qp.new_empty(tiles, bs * D), qp.new_empty(tiles, bs * Dv), scores)
-            piece, qidx = _group(qp, kp, vp, kpm, rows, counts, cols, bufs=bufs, bmm=bmm, **gkw)
+            # No query sees any block: zeros, still in the graph (zero gradients); empty sums, as
+            # 0·sum would turn a non-finite input into NaN.
+            out = out + (qp.narrow(-1, 0, 0).sum() + kp.narrow(-1, 0, 0).sum() + vp.narrow(-1, 0, 0).sum())
+    elif groups:
+        # Tiles gathered per group: within the budget, or one row when a row alone is over, and
+        # never more than the call can need (a group pads its rows to its widest, so every row at
+        # the widest bounds any group). With bmm, each gathered tile meets one (bs, bs) score
+        # tile per query head sharing it.
+        per_row, widest = B * (1 if per_head else Hkv), max(widths)
+        tiles = min(max(budget // (bs * tile_dim), widest * per_row), (len(widths) - groups[0][0]) * widest * per_row)
+        scores = qp.new_empty(tiles * bs * bs * (1 if per_head else H // Hkv)) if plan.bmm else None
+        plan.bufs = (qp.new_empty(tiles, bs * D), qp.new_empty(tiles, bs * Dv), scores)
+        diagonals: dict[int, torch.Tensor] = {}  # additive diagonal masks by row width, built once
+        for start, stop, kind in groups:
+            diagonal = None
+            if kind == "diagonal":
+                tiles_masked = 1 if plan.bmm else widths[start]
+                if tiles_masked not in diagonals:
+                    diagonals[tiles_masked] = _diagonal_mask(tiles_masked, bs, q.dtype, dev)
+                diagonal = diagonals[tiles_masked]
+            piece, qidx = _group(plan, qp, kp, vp, kpm, order[start:stop], kind, diagonal)
             out.index_copy_(0, qidx, piece)
-        start = stop
-    if grad and pieces:
-        out = out.index_copy(0, torch.cat(done), torch.cat(pieces))
-    elif grad:
-        # No query sees any block: zeros, still in the graph (zero gradients); empty sums, as
-        # 0·sum would turn a non-finite input into NaN.
-        out = out + (qp.narrow(-1, 0, 0).sum() + kp.narrow(-1, 0, 0).sum() + vp.narrow(-1, 0, 0).sum())
     out = out.view(B, H, nqb * bs, Dv)
-    return (out[:, :, :nq] if nq % bs else out), None
+    return out[:, :, :nq] if nq % bs else out
+
+
+def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, **params):
+    """Exact block-sparse attention gathering only the active tiles (see the module docstring)."""
+    layout = resolve_layout(q.shape[2], k.shape[2], causal=causal, heads=q.shape[1], **params)
+    out = block_attention(
+        q, k, v, layout, block_size=params["block_size"], causal=causal, key_padding_mask=key_padding_mask, scale=scale
+    )
+    return out, None
 
 
 def _layout_key(layout) -> tuple | None:

@@ -31,13 +31,14 @@ from torch.utils.checkpoint import checkpoint
 
 from ..backends.flex import block_mask_from_layout, cached_block_mask, flex_run, flex_skip_in_auto
 from ..backends.math import dense_attention
+from ..backends.sdpa import masked_sdpa
 from ..backends.tiles import tile_attention, use_bmm_tiles
 from ..backends.xformers_backend import no_key_padding, sliding_window_xformers
 from ..inputs import causal_offset, full_visibility
 from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least
 
-#: Query rows per tile without grad (k/v read in place): 32 measured 3-5% faster than 64 on a
-#: 2-core AVX-512 CPU (16..256 tried). With grad, spans are copied, and 64 copies less.
+#: Query rows per tile: 32 without grad, where k/v are read in place and smaller tiles waste
+#: fewer band entries (docs/sparse.md); 64 with grad, where spans are copied and 64 copies less.
 TILE = 32
 TILE_GRAD = 64
 #: Elements of the gathered key (and value) copies built at once; bounds working memory.
@@ -107,7 +108,6 @@ def _tile_group(q, k, v, kpm, band, t0, g, *, T, wl, wr, offset, scale):
     q4 = qs.reshape(B, H, g, T, D).transpose(1, 2).reshape(B * g, H, T, D)
     k4 = ks.permute(0, 2, 1, 4, 3).reshape(B * g, Hkv, L, D)
     v4 = vs.permute(0, 2, 1, 4, 3).reshape(B * g, Hkv, L, Dv)
-    mask, visible = band, None
     edge = start < 0 or stop > nk
     if edge or kpm is not None:
         # Per-tile mask: keys outside [0, Nk) or padded never get weight.
@@ -115,15 +115,11 @@ def _tile_group(q, k, v, kpm, band, t0, g, *, T, wl, wr, offset, scale):
         ok = ((j >= 0) & (j < nk))[None]  # (1, g, L)
         if kpm is not None:
             ok = ok & ~_span(kpm[:, None, :], start, stop, True)[:, 0].unfold(1, L, T)  # (B, g, L)
-        mask = band & ok[:, :, None, :]  # (B|1, g, T, L)
-        visible = mask.any(-1, keepdim=True)
-        # A query seeing no key would make some kernels return NaN: let it see everything,
-        # then zero its output (and so its gradient).
-        mask = (mask | ~visible).expand(B, g, T, L).reshape(B * g, 1, T, L)
-    out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
+        mask = (band & ok[:, :, None, :]).expand(B, g, T, L).reshape(B * g, 1, T, L)
+        out = masked_sdpa(q4, k4, v4, mask=mask, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=band, scale=scale, enable_gqa=H != Hkv)
     out = out.reshape(B, g, H, T, Dv)
-    if visible is not None:
-        out = out * visible.expand(B, g, T, 1)[:, :, None].to(out.dtype)
     return out.transpose(1, 2).reshape(B, H, g * T, Dv)
 
 
@@ -180,10 +176,6 @@ def _interior_group_into(out, q, k, v, band, t0, g, *, T, wl, offset, scale, bia
 
 def sliding_window_torch(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window, tile=None):
     """Tiled exact sliding-window attention (see the module docstring for cost and memory)."""
-    if return_weights:
-        return sliding_window_reference(
-            q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, return_weights=True, window=window
-        )
     B, H, nq, _ = q.shape
     Hkv, nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
