@@ -178,7 +178,8 @@ def choose_blocks(
     counted toward the budget. The other reachable blocks are taken by descending score (ties:
     lower column first) until the row holds ``max(1, ⌈density·R⌉)`` blocks (``R`` its reachable
     blocks), or — ``mass`` — until the forced blocks' share plus the taken ones' reaches
-    ``mass`` of the row's total score. Every row with a reachable block keeps at least one.
+    ``mass`` of the row's total score (a row whose total is 0 keeps only its forced blocks). Every
+    row with a reachable block keeps at least one.
     """
     reachable = reachable.expand_as(scores)
     keep = forced & reachable
@@ -201,7 +202,8 @@ def choose_blocks(
         have = (share * keep).sum(-1, keepdim=True)
         got = share.gather(-1, order.indices).masked_fill(~ranked_ok, 0.0)
         before = have + got.cumsum(-1) - got  # share held before taking this candidate
-        take = (before < float(mass) - 1e-12) & ranked_ok
+        # A row without any estimated mass has nothing to rank by: forced blocks (or one) only.
+        take = (before < float(mass) - 1e-12) & ranked_ok & (total > 0)
         # At least one block: a row with nothing forced takes its best candidate.
         first = torch.zeros_like(take)
         first[..., 0] = True
