@@ -224,8 +224,8 @@ def print_summary(records: list[dict[str, Any]], title: str = "") -> None:
 class _Progress:
     """rich, else tqdm, else one line per point."""
 
-    def __init__(self):
-        self.bar = None
+    def __init__(self) -> None:
+        self.bar: Any = None
         self.kind = "plain"
         self.total = 0
         self.count = 0

@@ -22,9 +22,10 @@ from __future__ import annotations
 import ast
 import math
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +65,7 @@ def _model_dir() -> Path:
 
 
 @lru_cache(maxsize=1)
-def load_model() -> tuple[dict[str, torch.Tensor], dict, object]:
+def load_model() -> tuple[dict[str, torch.Tensor], dict, Any]:
     """(weights, config, tokenizer) of all-MiniLM-L6-v2, float32 on the CPU."""
     import json
 
@@ -99,11 +100,16 @@ def _stdlib_texts():
     this = lib / "this.py"
     if this.is_file():
         src = ast.parse(this.read_text(encoding="utf-8"))
-        for node in src.body:  # s = """...rot13...""" -> the Zen of Python, without importing it
-            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "s":
+        for stmt in src.body:  # s = """...rot13...""" -> the Zen of Python, without importing it
+            if (
+                isinstance(stmt, ast.Assign)
+                and getattr(stmt.targets[0], "id", None) == "s"
+                and isinstance(stmt.value, ast.Constant)
+                and isinstance(stmt.value.value, str)
+            ):
                 import codecs
 
-                yield codecs.decode(node.value.value, "rot13")
+                yield codecs.decode(stmt.value.value, "rot13")
     for path in sorted(lib.glob("*.py")) + sorted(lib.glob("*/*.py")):
         try:
             tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
@@ -232,7 +238,7 @@ def real_qkv(n: int, *, layer: int = 3, batch: int = 1) -> tuple[torch.Tensor, t
 
 @torch.no_grad()
 def e2e_cosine(
-    variant: str, params: dict, backend: str = "auto", *, n: int, batch: int = 1
+    variant: str, params: Mapping[str, Any], backend: str = "auto", *, n: int, batch: int = 1
 ) -> tuple[torch.Tensor, str]:
     """Cosine similarity of mean-pooled embeddings, every layer's attention replaced by ``variant``,
     against the exact model, on ``max(batch, 4)`` chunks of ``n`` tokens (bidirectional, as trained)."""

@@ -225,6 +225,8 @@ class MultiheadAttention(nn.Module):
         else:
             self.register_parameter("in_proj_bias", None)
         self.out_proj = NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory)
+        self.bias_k: nn.Parameter | None
+        self.bias_v: nn.Parameter | None
         if add_bias_kv:
             self.bias_k = nn.Parameter(torch.empty(1, 1, kv_dim, **factory))
             self.bias_v = nn.Parameter(torch.empty(1, 1, kv_dim, **factory))
@@ -245,7 +247,7 @@ class MultiheadAttention(nn.Module):
         if self.in_proj_bias is not None:
             nn.init.constant_(self.in_proj_bias, 0.0)
             nn.init.constant_(self.out_proj.bias, 0.0)
-        if self.bias_k is not None:
+        if self.bias_k is not None and self.bias_v is not None:
             nn.init.xavier_normal_(self.bias_k)
             nn.init.xavier_normal_(self.bias_v)
 
@@ -465,7 +467,7 @@ class MultiheadAttention(nn.Module):
         if masks.causal:
             c = causal_mask(masks.nq, Nk, device=k.device)[None, None]
             am_visible = c if am_visible is None else am_visible & c
-        if self.bias_k is not None:
+        if self.bias_k is not None and self.bias_v is not None:
             k = torch.cat([k, self.bias_k.view(1, Hkv, 1, D).expand(B, -1, -1, -1)], dim=2)
             v = torch.cat([v, self.bias_v.view(1, Hkv, 1, D).expand(B, -1, -1, -1)], dim=2)
         if self.add_zero_attn:

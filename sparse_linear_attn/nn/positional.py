@@ -162,6 +162,8 @@ class ALiBi(nn.Module):
     ``forward(nq, nk) -> (H, nq, nk)`` float tensor to add to the scores: O(H·Nq·Nk).
     """
 
+    slopes: torch.Tensor
+
     def __init__(self, num_heads: int):
         super().__init__()
         self.num_heads = _check_dim("num_heads", num_heads)

@@ -29,9 +29,12 @@ def swap_attention(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"swap_attention expects an nn.Module, got {type(model).__name__}")
-    kw = dict(attention=attention, positional=positional, dropout=dropout)
+
+    def convert(mha: nn.MultiheadAttention) -> MultiheadAttention:
+        return MultiheadAttention.from_torch(mha, attention, positional=positional, dropout=dropout)
+
     if isinstance(model, nn.MultiheadAttention):
-        return MultiheadAttention.from_torch(model, **kw)
+        return convert(model)
     targets = [
         (parent, name, child)
         for parent in model.modules()
@@ -46,7 +49,7 @@ def swap_attention(
     converted: dict[int, MultiheadAttention] = {}  # a layer shared by several parents stays shared
     for parent, name, child in targets:
         if id(child) not in converted:
-            converted[id(child)] = MultiheadAttention.from_torch(child, **kw)
+            converted[id(child)] = convert(child)
         setattr(parent, name, converted[id(child)])
     for m in model.modules():
         if isinstance(m, nn.TransformerEncoder):

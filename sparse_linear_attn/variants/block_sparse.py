@@ -254,9 +254,8 @@ def _group(plan: _TilePlan, q, k, v, kpm, rows, mask_kind: str | None, diagonal=
     hq_, hk_ = h.shape[-1], hk.shape[-1]
     qg = q.reshape(-1, bs * D).index_select(0, qidx).view(B * g, hq_, bs, D)
     # Without autograd the caller lends reusable buffers: they stay warm in cache.
-    bufs = plan.bufs
-    fits = bufs is not None and bufs[0].shape[0] >= kidx.shape[0]
-    kbuf, vbuf = (bufs[0][: kidx.shape[0]], bufs[1][: kidx.shape[0]]) if fits else (None, None)
+    bufs = plan.bufs if plan.bufs is not None and plan.bufs[0].shape[0] >= kidx.shape[0] else None
+    kbuf, vbuf = (bufs[0][: kidx.shape[0]], bufs[1][: kidx.shape[0]]) if bufs is not None else (None, None)
     kg = torch.index_select(k.reshape(-1, bs * D), 0, kidx, out=kbuf).view(B * g, hk_, c * bs, D)
     vg = torch.index_select(v.reshape(-1, bs * Dv), 0, kidx, out=vbuf).view(B * g, hk_, c * bs, Dv)
     L = c * bs
@@ -284,7 +283,7 @@ def _group(plan: _TilePlan, q, k, v, kpm, rows, mask_kind: str | None, diagonal=
             scale=plan.scale,
             bias=bias,
             keep=keep,
-            scores=bufs[2] if fits and bufs is not None else None,
+            scores=bufs[2] if bufs is not None else None,
         ).view(B * g, hq_, bs, Dv)
         if seen is not None:
             out = out * seen.to(out.dtype)
