@@ -45,10 +45,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..backends.math import masked_softmax
+from ..backends.partial import merge_partials
 from ..estimators import num_blocks
 from ..inputs import causal_offset, repeat_kv
 from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least, one_of
 from ..selection import Selection, diagonal_blocks, ratio, visible_per_tile
+from .block_sparse import block_attention
 from .topk_block import check_selection_params, selection_params, topk_selection
 
 #: Query rows × pseudo-keys of the compressed part computed at once without autograd.
@@ -319,10 +321,11 @@ def _compressed_rows(q, ksum, vsum, counts, scale):
     s = torch.baddbmm(
         torch.where(live, n.log(), float("-inf"))[:, None, :], q, kbar.transpose(1, 2), alpha=scale
     )  # (n, T, S)
-    lse = torch.logsumexp(s, dim=-1)
-    seen = torch.isfinite(lse)
-    p = torch.exp(s - torch.where(seen, lse, 0.0)[..., None])
-    return torch.bmm(p, vbar), lse
+    # Rows without a pseudo-key: logsumexp of zeros instead of all −inf, whose backward is NaN.
+    seen = live.any(-1)[:, None].expand(s.shape[:2])
+    lse = torch.logsumexp(s.masked_fill(~seen[..., None], 0.0), dim=-1)
+    p = torch.exp(s - lse[..., None]) * seen[..., None]
+    return torch.bmm(p, vbar), lse.masked_fill(~seen, float("-inf"))
 
 
 def compressed_part(
@@ -350,8 +353,15 @@ def compressed_part(
         out, lse = _compressed_rows(qr, kr, vr, cr, scale)
     elif grad:
         parts = [
-            checkpoint(_compressed_rows, qr[i : i + step], kr[i : i + step], vr[i : i + step], cr[i : i + step],
-                       scale, use_reentrant=False)  # fmt: skip
+            checkpoint(
+                _compressed_rows,
+                qr[i : i + step],
+                kr[i : i + step],
+                vr[i : i + step],
+                cr[i : i + step],
+                scale,
+                use_reentrant=False,
+            )  # fmt: skip
             for i in range(0, rows, step)
         ]
         out, lse = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -421,9 +431,10 @@ def hybrid_selection(q, k, *, causal, key_padding_mask, scale, remainder, remain
     groups = _groups_for(nq, k.shape[2], full, causal, q.device)
     counts = _group_counts(k.shape[2], key_padding_mask, sel.block_mask, groups, params["block_size"], B)
     bs = params["block_size"]
-    rows = torch.clamp(torch.arange(1, counts.shape[2] + 1, device=q.device) * bs, max=nq) - torch.arange(
-        counts.shape[2], device=q.device
-    ) * bs  # queries per row
+    rows = (
+        torch.clamp(torch.arange(1, counts.shape[2] + 1, device=q.device) * bs, max=nq)
+        - torch.arange(counts.shape[2], device=q.device) * bs
+    )  # queries per row
     entries = float(((counts > 0.5).sum(-1) * rows).sum()) * (H // k.shape[1])
     visible = visible_per_tile(nq, k.shape[2], bs, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
     reachable = float(visible.expand(B, -1, -1).sum()) * H
@@ -481,6 +492,26 @@ def hybrid_reference(
     return out, (weights.to(q.dtype) if return_weights else None)
 
 
+def hybrid_torch(
+    q, k, v, *, causal, key_padding_mask, scale, return_weights=False, remainder, remainder_block, remainder_near,
+    **params,
+):  # fmt: skip
+    """The selection; its exact part through block_sparse's tiled kernel, with each query's
+    log-sum-exp; the pseudo-keys' part (:func:`compressed_part`); their log-sum-exp merge."""
+    sel = topk_selection(q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale, **params)
+    bs = sel.block_size
+    kw = dict(block_size=bs, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    if remainder == "none":
+        return block_attention(q, k, v, sel.block_mask, **kw), None
+    out_exact, lse_exact = block_attention(q, k, v, sel.block_mask, return_lse=True, **kw)
+    full = dict(params, remainder_block=remainder_block, remainder_near=remainder_near)
+    groups = _groups_for(q.shape[2], k.shape[2], full, causal, q.device)
+    ksum, vsum, counts = pseudo_keys(k, v, key_padding_mask, sel.block_mask, groups, bs)
+    out_rest, lse_rest = compressed_part(q, ksum, vsum, counts, scale=scale, block_size=bs)
+    out, _ = merge_partials(out_exact.to(out_rest.dtype), lse_exact, out_rest, lse_rest)
+    return out.to(q.dtype), None
+
+
 def hybrid_params() -> dict[str, Param]:
     params = selection_params()
     params.update(
@@ -512,7 +543,7 @@ add(
         cost="estimator + O(nnz_blocks·block_size²·D + N·S·D), S ≈ remainder_near·log(N)",
         params=hybrid_params(),
         supports=Supports(),
-        impls={"math": Impl(hybrid_reference)},
+        impls={"torch": Impl(hybrid_torch), "math": Impl(hybrid_reference)},
         check_params=_check_params,
         selection_fn=hybrid_selection,
         examples=(

@@ -55,6 +55,7 @@ from ..selection import (
     ratio,
     visible_per_tile,
 )
+from .block_sparse import block_attention
 
 #: ``density`` when neither ``density`` nor ``mass`` is given.
 DEFAULT_DENSITY = 0.125
@@ -155,6 +156,14 @@ def topk_block_reference(q, k, v, *, causal, key_padding_mask, scale, return_wei
     return dense_attention(q, k, v, scale=scale, mask=sel.dense(), return_weights=return_weights)
 
 
+def topk_block_torch(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, **params):
+    """The selection, then block_sparse's tiled kernel with it as a per-(batch, kv head) layout."""
+    sel = topk_selection(q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale, **params)
+    out = block_attention(q, k, v, sel.block_mask, block_size=sel.block_size, causal=causal,
+                          key_padding_mask=key_padding_mask, scale=scale)  # fmt: skip
+    return out, None
+
+
 def selection_block_mask(sel: Selection, heads: int, device) -> Any:
     """A FlexAttention ``BlockMask`` computing exactly ``sel.dense()`` for ``heads`` query heads.
 
@@ -207,6 +216,7 @@ add(
         params=selection_params(),
         supports=Supports(),
         impls={
+            "torch": Impl(topk_block_torch),
             "flex": Impl(topk_block_flex, rules_out=_flex_rules_out, skip_in_auto=flex_skip_in_auto),
             "math": Impl(topk_block_reference),
         },
