@@ -93,6 +93,18 @@ def scoring_queries(q: torch.Tensor, block_size: int, causal: bool) -> tuple[tor
     return qp.view(B, H, nqb, bs, D), valid.view(nqb, bs)
 
 
+def block_sums(x: torch.Tensor, block_size: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``Σ`` over each block of ``block_size`` rows of ``x (B, H, N, E)`` (the last one may be
+    short), each row multiplied by ``weight (B, N)`` when given: ``(B, H, n_blocks, E)``."""
+    B, H, n, E = x.shape
+    nb = num_blocks(n, block_size)
+    if weight is not None:
+        x = x * weight[:, None, :, None]
+    if n % block_size:
+        x = F.pad(x, (0, 0, 0, nb * block_size - n))
+    return x.view(B, H, nb, block_size, E).sum(3)
+
+
 def pooled_keys(
     k: torch.Tensor, block_size: int, key_padding_mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,14 +112,33 @@ def pooled_keys(
     ``(B, nk_blocks)`` (float; blocks with no key have mean 0 and count 0)."""
     B, Hkv, nk, D = k.shape
     nkb = num_blocks(nk, block_size)
-    keep = torch.ones(B, nk, dtype=k.dtype, device=k.device)
-    if key_padding_mask is not None:
+    if key_padding_mask is None:
+        counts = torch.clamp(nk - torch.arange(nkb, device=k.device) * block_size, max=block_size)
+        counts = counts.to(k.dtype)[None].expand(B, nkb)
+        sums = block_sums(k, block_size)
+    else:
         keep = (~key_padding_mask).to(k.dtype)
-    pad = nkb * block_size - nk
-    kk = F.pad(k * keep[:, None, :, None], (0, 0, 0, pad))
-    counts = F.pad(keep, (0, pad)).view(B, nkb, block_size).sum(-1)
-    sums = kk.view(B, Hkv, nkb, block_size, D).sum(3)
+        counts = block_sums(keep[:, None, :, None], block_size)[:, 0, :, 0]
+        sums = block_sums(k, block_size, keep)
     return sums / counts.clamp_min(1.0)[:, None, :, None], counts
+
+
+def window_means(q: torch.Tensor, block_size: int, causal: bool) -> torch.Tensor:
+    """The mean query of each block's scoring window (:func:`scoring_queries`) ``(B, H, nqb, D)``,
+    from block sums in one pass: causal window ``a`` is block ``a − 1`` minus its first query
+    plus query ``a·bs``."""
+    nq, bs = q.shape[2], block_size
+    sums = block_sums(q, bs)
+    nqb = sums.shape[2]
+    if not causal:
+        counts = torch.clamp(nq - torch.arange(nqb, device=q.device) * bs, max=bs).to(q.dtype)
+        return sums / counts[:, None]
+    firsts = q[:, :, ::bs]  # queries a·bs, (B, H, nqb, D)
+    win = firsts.clone()
+    win[:, :, 1:] += sums[:, :, :-1] - firsts[:, :, :-1]
+    counts = torch.full((nqb,), float(bs), dtype=q.dtype, device=q.device)
+    counts[0] = 1.0
+    return win / counts[:, None]
 
 
 def _work(t: torch.Tensor) -> torch.Tensor:
@@ -149,6 +180,7 @@ def _row_masses(
     out = qs.new_zeros(B, Hkv, nqb, nkb)
     reach = torch.where(allowed.any(1), nkb - allowed.flip(1).to(torch.int8).argmax(1), 0).tolist()
     step = max(1, CHUNK_ELEMENTS // max(1, B * H * R * U))
+    qs = qs * scale
     for a0 in range(0, nqb, step):
         a1 = min(nqb, a0 + step)
         rows, width = a1 - a0, max(reach[a0:a1])
@@ -157,18 +189,17 @@ def _row_masses(
         u = width * units_per_block
         q5 = qs[:, :, a0:a1].reshape(B, Hkv, G * rows * R, E)
         s = torch.matmul(q5, units[:, :, :u].transpose(-1, -2)).view(B, Hkv, G, rows, R, u)
-        s = s * scale
         hide = ~allowed[a0:a1, :width].repeat_interleave(units_per_block, 1)[:, None, :]  # (rows, 1, u)
         if cells is not None:
             pairs = torch.einsum("ars,bcs->barc", cells[0][a0:a1], cells[1][:, :u])  # (B, rows, R, u)
-            s = s / pairs.clamp_min(1.0)[:, None, None] + pairs.clamp_min(1e-30).log()[:, None, None]
+            s = s.div_(pairs.clamp_min(1.0)[:, None, None]).add_(pairs.clamp_min(1e-30).log()[:, None, None])
             hide = hide | (pairs == 0)[:, None, None]
-        s = s + bias[:, None, None, None, None, :u]
-        s = s.masked_fill(hide, float("-inf"))
-        seen = torch.isfinite(s.amax(-1, keepdim=True))
-        p = torch.softmax(s.masked_fill(~seen, 0.0), dim=-1) * seen
+        s.add_(bias[:, None, None, None, None, :u]).masked_fill_(hide, float("-inf"))
+        # A row that can see no unit gives NaN here: it is dropped below (weight 0).
+        p = torch.softmax(s, dim=-1).nan_to_num_(0.0)
         p = p.view(B, Hkv, G, rows, R, width, units_per_block).sum(-1)
-        w = (valid_rows[a0:a1, :, None] & seen).to(p.dtype)  # (B, Hkv, G, rows, R, 1)
+        # Rows to average: real queries that could see a unit (rows of zeros otherwise).
+        w = (valid_rows[a0:a1, :, None] & (p.sum(-1, keepdim=True) > 0)).to(p.dtype)  # (B, Hkv, G, rows, R, 1)
         p = (p * w).sum(4) / w.sum(4).clamp_min(1.0)
         out[:, :, a0:a1, :width] = p.sum(2)
     return out
@@ -183,9 +214,7 @@ def mean_pool(q, k, *, block_size, causal, key_padding_mask, scale):
     q, k = _work(q), _work(k)
     Hkv = k.shape[1]
     nq, nk = q.shape[2], k.shape[2]
-    qs, valid = scoring_queries(q, block_size, causal)
-    w = valid.to(q.dtype)
-    qbar = (qs * w[..., None]).sum(3) / w.sum(-1).clamp_min(1.0)[:, None]  # (B, H, nqb, D)
+    qbar = window_means(q, block_size, causal)  # (B, H, nqb, D)
     kbar, counts = pooled_keys(k, block_size, key_padding_mask)
     H = q.shape[1]
     kx = kbar.repeat_interleave(H // Hkv, dim=1)

@@ -103,12 +103,25 @@ def count_flops(
     v_dim: int,
     causal: bool,
     backward: bool,
+    selection: Any = None,
 ) -> dict[str, Any]:
-    """``{"flops", "avg_visible_keys", "flops_method"}`` (flops None where no count is defined)."""
+    """``{"flops", "avg_visible_keys", "flops_method"}`` (flops None where no count is defined).
+
+    Data-dependent variants (``topk_block``, ``hybrid``) are counted from ``selection`` (the
+    ``sla.selection`` of the measured inputs): see :func:`selection_flops`.
+    """
     spec = registry.get(name)
     out: dict[str, Any] = {"flops": None, "avg_visible_keys": None, "flops_method": None}
     resolved = spec.resolve_params(dict(params))
-    if spec.exact and spec.module is None:
+    if spec.data_dependent:
+        if selection is None:
+            out["flops_method"] = "not counted: a data-dependent variant is counted from the selection of its inputs"
+            return out
+        fwd, kbar, method = selection_flops(
+            selection, resolved, batch=batch, heads=heads, head_dim=head_dim, v_dim=v_dim
+        )
+        out.update(avg_visible_keys=kbar, flops_method=method)
+    elif spec.exact and spec.module is None:
         try:
             kbar, method = avg_visible_keys(name, resolved, nq, nk, causal)
         except Exception as e:  # a pattern we cannot count: report, never guess
@@ -136,3 +149,44 @@ def count_flops(
         return out
     out["flops"] = fwd * (1.0 + BACKWARD_FACTOR) if backward else fwd
     return out
+
+
+def estimator_flops(name: str, params: Mapping[str, Any], *, batch: int, heads: int, nq: int, nk: int,
+                    head_dim: int, causal: bool) -> float | None:  # fmt: skip
+    """Multiply-add FLOPs of a built-in estimator's logits (``2·rows·units·width`` over the
+    (query block, key block) pairs it may score); None for a user estimator."""
+    from ..estimators import num_blocks, scoreable_blocks
+
+    bs, est = params["block_size"], params["estimator"]
+    strict = causal and params.get("selection", "strict") == "strict"
+    pairs = (
+        float(scoreable_blocks(nq, nk, bs, strict).sum()) if strict else float(num_blocks(nq, bs) * num_blocks(nk, bs))
+    )
+    per_pair = {
+        "mean_pool": 2.0 * head_dim,  # one pooled query · one pooled key
+        "key_pool": 2.0 * bs * head_dim,  # bs queries · one pooled key
+        "antidiagonal": 2.0 * bs * bs * head_dim / params.get("stride", 8),  # (bs/S)² cells of S·D
+        "oracle": 2.0 * bs * bs * head_dim,  # every score
+    }.get(est)
+    return None if per_pair is None else batch * heads * pairs * per_pair
+
+
+def selection_flops(selection: Any, params: Mapping[str, Any], *, batch: int, heads: int, head_dim: int,
+                    v_dim: int) -> tuple[float, float, str]:  # fmt: skip
+    """``(forward FLOPs, average entries per query, method)`` of a data-dependent call from its
+    selection: ``2·(exact + compressed entries)·(D + Dv)`` plus the estimator's logits."""
+    from ..variants.full import full_visible_keys
+
+    nq, nk, causal = selection.nq, selection.nk, selection.causal
+    reachable = full_visible_keys(nq, nk, causal=causal)  # per query, no padding in benchmarks
+    kbar = (selection.density + selection.compressed_density) * reachable
+    fwd = 2.0 * batch * heads * nq * kbar * (head_dim + v_dim)
+    est = estimator_flops(params["estimator"], params, batch=batch, heads=heads, nq=nq, nk=nk, head_dim=head_dim,
+                          causal=causal)  # fmt: skip
+    method = (
+        f"from the selection: density {selection.density:.4f} exact + {selection.compressed_density:.4f} "
+        "compressed entries"
+    )
+    if est is None:
+        return fwd, kbar, method + f"; estimator {params['estimator']!r} not counted"
+    return fwd + est, kbar, method + f", plus the {params['estimator']} estimator's logits ({est:.3g})"

@@ -36,6 +36,8 @@ CSV_FIRST = [
     "rel_error_vs_full",
     "rel_error_backend",
     "e2e_cosine",
+    "density",
+    "compressed_density",
 ]
 SERIES_EXTRA = ("dtype", "device", "causal", "inputs", "backward", "batch", "heads", "head_dim", "temperature")
 

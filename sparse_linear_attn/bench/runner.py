@@ -327,7 +327,7 @@ MEASURED_FIELDS = (
     "status", "reason", "backend", "exact", "cost", "repeats_done", "first_call_ms", "time_ms_median",
     "time_ms_p25", "time_ms_p75", "time_ms_min", "time_ms_max", "peak_mem_mb", "mem_method", "avg_visible_keys",
     "flops", "flops_method", "tflops", "rel_error_vs_full", "error_reference", "rel_error_backend",
-    "backend_reference", "error_note", "e2e_cosine", "e2e_cosine_min", "e2e_note",
+    "backend_reference", "error_note", "e2e_cosine", "e2e_cosine_min", "e2e_note", "density", "compressed_density",
 )  # fmt: skip
 
 
@@ -458,8 +458,13 @@ def measure(bv: BenchVariant, pt: _Point, s: SweepSettings) -> dict[str, Any]:
     B, H, N, D = pt.shape
     rec: dict[str, Any] = dict.fromkeys(MEASURED_FIELDS)
     rec.update(status="ok", exact=info.exact, cost=info.cost, repeats_done=0)
+    sel = None
+    if registry.get(bv.name).data_dependent:
+        # What these inputs make the variant compute: its cost is counted from that.
+        sel = sla.selection(pt.q, pt.k, bv.name, causal=s.causal, **bv.params)
+        rec.update(density=sel.density, compressed_density=sel.compressed_density)
     flops = count_flops(bv.name, bv.params, batch=B, heads=H, nq=N, nk=N, head_dim=D, v_dim=D, causal=s.causal,
-                        backward=s.backward)  # fmt: skip
+                        backward=s.backward, selection=sel)  # fmt: skip
     rec.update(flops)
     notes: list[str] = list(pt.notes)
     try:
