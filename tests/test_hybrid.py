@@ -109,8 +109,16 @@ CASES = [
     (37, 37, 4, False, 2, 2, True, {"density": 0.25, "remainder_block": 2, "remainder_near": 2}),
     (21, 45, 4, True, 2, 1, True, {"mass": 0.5, "estimator": "key_pool", "remainder_block": 1, "remainder_near": 3}),
     (45, 21, 4, True, 2, 2, False, {"density": 0.3, "local_blocks": 2, "remainder_near": None}),
-    (33, 33, 8, False, 3, 1, True, {"density": 0.3, "sink_blocks": 0, "local_blocks": 0, "remainder_block": 2,
-                                     "remainder_near": 1}),  # fmt: skip
+    (
+        33,
+        33,
+        8,
+        False,
+        3,
+        1,
+        True,
+        {"density": 0.3, "sink_blocks": 0, "local_blocks": 0, "remainder_block": 2, "remainder_near": 1},
+    ),  # fmt: skip
 ]
 
 
@@ -226,9 +234,7 @@ def test_vectorised_groups_are_the_naive_ones(causal, near, nq, nk, bs, r):
         nc = -(-nk // r)
         for a, ranges in enumerate(naive):
             ok = g.valid[a]
-            fast = sorted(
-                (int(u) << int(lv)) * r for u, lv in zip(g.unit[a][ok], g.level[a][ok])
-            )
+            fast = sorted((int(u) << int(lv)) * r for u, lv in zip(g.unit[a][ok], g.level[a][ok]))
             assert fast == sorted(lo for lo, _ in ranges)
             slots = hy.slot_of_chunk(g, torch.full((nc,), a), torch.arange(nc))
             for c in range(nc):

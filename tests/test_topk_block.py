@@ -120,7 +120,9 @@ def test_block_selection_leaks_within_a_block():
     out2 = sla.attention(q2, k, v, "topk_block", **kw)
     assert not torch.allclose(out2[:, :, 32:35], out[:, :, 32:35])
     strict = sla.attention(q2, k, v, "topk_block", **dict(kw, selection="strict"))
-    torch.testing.assert_close(strict[:, :, :35], sla.attention(q, k, v, "topk_block", **dict(kw, selection="strict"))[:, :, :35])
+    torch.testing.assert_close(
+        strict[:, :, :35], sla.attention(q, k, v, "topk_block", **dict(kw, selection="strict"))[:, :, :35]
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

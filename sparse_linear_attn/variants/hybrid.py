@@ -46,7 +46,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..backends.math import masked_softmax
 from ..backends.partial import merge_partials
-from ..estimators import num_blocks
+from ..estimators import block_sums, num_blocks
 from ..inputs import causal_offset, repeat_kv
 from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least, one_of
 from ..selection import Selection, diagonal_blocks, ratio, visible_per_tile
@@ -255,62 +255,75 @@ def _dyadic(t: torch.Tensor, levels: int) -> tuple[torch.Tensor, list[int]]:
     return torch.cat(tables, -2), offsets
 
 
-def pseudo_keys(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
-    block_mask: torch.Tensor,
-    groups: Groups,
-    block_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sums of keys and values of every group, selected keys removed: ``ksum (B, Hkv, nqb, S, D)``,
-    ``vsum (…, Dv)`` and ``counts (B, Hkv, nqb, S)`` (float, 0 for empty or invalid slots).
+@dataclass(frozen=True)
+class ChunkSums:
+    """Per chunk of ``groups.chunk`` keys: the sums of unpadded keys ``kk (B, Hkv, nc, D)``,
+    values ``vv (…, Dv)`` and their count ``cc (B, nc)``; and the same summed over aligned runs
+    of ``2^ℓ`` chunks for every level (``tk``, ``tv``, ``tc``; level ℓ starts at ``offsets[ℓ]``).
+    O(N·(D + Dv)) memory."""
 
-    Group sums are read from dyadic tables of chunk sums; then the chunks of selected blocks that
-    fall inside a group are subtracted from it. O(N·(D + Dv)) for the tables, O(B·Hkv·nqb·S·D)
-    for the result.
-    """
+    kk: torch.Tensor
+    vv: torch.Tensor
+    cc: torch.Tensor
+    tk: torch.Tensor
+    tv: torch.Tensor
+    tc: torch.Tensor
+    offsets: torch.Tensor
+
+
+def chunk_sums(k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, groups: Groups) -> ChunkSums:
+    """The :class:`ChunkSums` of ``k``, ``v`` for ``groups`` (float32 at least)."""
     B, Hkv, nk, D = k.shape
-    Dv = v.shape[-1]
-    r, nc = groups.chunk, groups.chunks
+    r = groups.chunk
     work = torch.promote_types(k.dtype, torch.float32)
-    keep = torch.ones(B, nk, dtype=work, device=k.device)
-    if key_padding_mask is not None:
-        keep = (~key_padding_mask).to(work)
-    pad = nc * r - nk
-    kk = F.pad(k.to(work) * keep[:, None, :, None], (0, 0, 0, pad)).view(B, Hkv, nc, r, D).sum(3)
-    vv = F.pad(v.to(work) * keep[:, None, :, None], (0, 0, 0, pad)).view(B, Hkv, nc, r, Dv).sum(3)
-    cc = F.pad(keep, (0, pad)).view(B, nc, r).sum(2)
+    keep = None if key_padding_mask is None else (~key_padding_mask).to(work)
+    kk = block_sums(k.to(work), r, keep)
+    vv = block_sums(v.to(work), r, keep)
+    ones = torch.ones(B, 1, nk, 1, dtype=work, device=k.device)
+    cc = block_sums(ones, r, keep)[:, 0, :, 0]
     levels = groups.levels if groups.coarsen else 1
     tk, offsets = _dyadic(kk, levels)
     tv, _ = _dyadic(vv, levels)
     tc, _ = _dyadic(cc[..., None], levels)
-    index = torch.tensor(offsets, device=k.device)[groups.level] + groups.unit  # (nqb, S)
-    nqb, S = index.shape
+    return ChunkSums(kk, vv, cc, tk, tv, tc[..., 0], torch.tensor(offsets, device=k.device))
+
+
+def pseudo_keys(
+    sums: ChunkSums, block_mask: torch.Tensor, groups: Groups, block_size: int, a0: int = 0, a1: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sums of keys and values of the groups of query blocks ``a0 … a1 − 1``, selected keys
+    removed: ``ksum (B, Hkv, rows, S, D)``, ``vsum (…, Dv)`` and ``counts (B, Hkv, rows, S)``
+    (0 for empty or unused slots).
+
+    Group sums are read from the dyadic tables; then the chunks of selected blocks that fall
+    inside a group are subtracted from it. O(B·Hkv·rows·S·(D + Dv)).
+    """
+    a1 = groups.level.shape[0] if a1 is None else a1
+    B, Hkv, nc, D = sums.kk.shape
+    Dv = sums.vv.shape[-1]
+    index = sums.offsets[groups.level[a0:a1]] + groups.unit[a0:a1]  # (rows, S)
+    rows, S = index.shape
     flat = index.reshape(-1)
-    ksum = tk[:, :, flat].view(B, Hkv, nqb, S, D)
-    vsum = tv[:, :, flat].view(B, Hkv, nqb, S, Dv)
-    counts = tc[:, flat, 0].view(B, 1, nqb, S).expand(B, Hkv, nqb, S)
-    valid = groups.valid[None, None]
-    ksum, vsum = ksum * valid[..., None], vsum * valid[..., None]
-    counts = counts * valid
+    valid = groups.valid[a0:a1]
+    ksum = (sums.tk[:, :, flat].view(B, Hkv, rows, S, D) * valid[..., None]).reshape(-1, D)
+    vsum = (sums.tv[:, :, flat].view(B, Hkv, rows, S, Dv) * valid[..., None]).reshape(-1, Dv)
+    counts = (sums.tc[:, flat].view(B, 1, rows, S) * valid).expand(B, Hkv, rows, S).reshape(-1)
     # Remove the selected blocks' chunks from the groups they fall in.
-    cpb = block_size // r
-    b, h, a, blk = block_mask.nonzero(as_tuple=True)
+    cpb = block_size // groups.chunk
+    b, h, a, blk = block_mask[:, :, a0:a1].nonzero(as_tuple=True)
     if b.numel():
-        t = torch.arange(cpb, device=k.device)
-        c = (blk[:, None] * cpb + t).reshape(-1)
+        c = (blk[:, None] * cpb + torch.arange(cpb, device=blk.device)).reshape(-1)
         b, h, a = (x.repeat_interleave(cpb) for x in (b, h, a))
         ok = c < nc
         b, h, a, c = b[ok], h[ok], a[ok], c[ok]
-        slot = slot_of_chunk(groups, a, c)
+        slot = slot_of_chunk(groups, a + a0, c)
         ok = slot >= 0
         b, h, a, c, slot = b[ok], h[ok], a[ok], c[ok], slot[ok]
-        target = ((b * Hkv + h) * nqb + a) * S + slot
-        ksum = ksum.reshape(-1, D).index_add(0, target, kk[b, h, c], alpha=-1).view(B, Hkv, nqb, S, D)
-        vsum = vsum.reshape(-1, Dv).index_add(0, target, vv[b, h, c], alpha=-1).view(B, Hkv, nqb, S, Dv)
-        counts = counts.reshape(-1).index_add(0, target, cc[b, c], alpha=-1).view(B, Hkv, nqb, S)
-    return ksum, vsum, counts
+        target = ((b * Hkv + h) * rows + a) * S + slot
+        ksum = ksum.index_add(0, target, sums.kk[b, h, c], alpha=-1)
+        vsum = vsum.index_add(0, target, sums.vv[b, h, c], alpha=-1)
+        counts = counts.index_add(0, target, sums.cc[b, c], alpha=-1)
+    return ksum.view(B, Hkv, rows, S, D), vsum.view(B, Hkv, rows, S, Dv), counts.view(B, Hkv, rows, S)
 
 
 def _compressed_rows(q, ksum, vsum, counts, scale):
@@ -328,49 +341,61 @@ def _compressed_rows(q, ksum, vsum, counts, scale):
     return torch.bmm(p, vbar), lse.masked_fill(~seen, float("-inf"))
 
 
+def _compressed_chunk(qc, kk, vv, cc, tk, tv, tc, offsets, *, block_mask, groups, block_size, a0, a1, scale):
+    # Pseudo-keys of query blocks a0 … a1 − 1 and the attention of their queries ``qc``
+    # (B, Hkv, rows, G·bs, D) over them; the tensors come as arguments so that a checkpoint
+    # recomputes this from them.
+    ksum, vsum, counts = pseudo_keys(ChunkSums(kk, vv, cc, tk, tv, tc, offsets), block_mask, groups, block_size, a0, a1)
+    B, Hkv, rows, S, D = ksum.shape
+    out, lse = _compressed_rows(
+        qc.reshape(-1, qc.shape[-2], D), ksum.reshape(-1, S, D), vsum.reshape(-1, S, vsum.shape[-1]),
+        counts.reshape(-1, S), scale,
+    )  # fmt: skip
+    return out.view(B, Hkv, rows, -1, out.shape[-1]), lse.view(B, Hkv, rows, -1)
+
+
 def compressed_part(
-    q: torch.Tensor, ksum: torch.Tensor, vsum: torch.Tensor, counts: torch.Tensor, *, scale: float, block_size: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    block_mask: torch.Tensor,
+    groups: Groups,
+    *,
+    scale: float,
+    block_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query over its block's pseudo-keys: ``(out (B, H, Nq, Dv), lse (B, H, Nq))``
     in the work dtype (float32 at least); rows with no pseudo-key have ``lse = −inf``, ``out = 0``.
 
-    A pseudo-key of group ``G`` has logit ``scale·q·(ksum/|G|) + log|G|`` and value ``vsum/|G|``.
-    O(B·H·Nq·S·(D + Dv)) time; chunked over query blocks without autograd, checkpointed with.
+    A group ``G`` of unselected, unpadded keys is one pseudo-key with logit ``scale·q·mean(k_G) +
+    log|G|`` and value ``mean(v_G)``. O(B·H·Nq·S·(D + Dv)) time; query blocks go in chunks of
+    :data:`COMPRESSED_ELEMENTS` (their pseudo-keys built per chunk), checkpointed with autograd,
+    so memory stays O(N·(D + Dv)) beyond the output.
     """
     B, H, nq, D = q.shape
-    Hkv, nqb, S = ksum.shape[1], ksum.shape[2], ksum.shape[3]
-    Dv = vsum.shape[-1]
+    Hkv, Dv = k.shape[1], v.shape[-1]
     G, bs = H // Hkv, block_size
-    work = ksum.dtype
+    nqb, S = groups.level.shape
+    sums = chunk_sums(k, v, key_padding_mask, groups)
+    work = sums.kk.dtype
     qp = F.pad(q.to(work), (0, 0, 0, nqb * bs - nq))
     # Rows (b, kv head, query block) each hold the G·bs queries of that block and kv head.
-    qr = qp.view(B, Hkv, G, nqb, bs, D).permute(0, 1, 3, 2, 4, 5).reshape(B * Hkv * nqb, G * bs, D)
-    kr, vr, cr = ksum.reshape(-1, S, D), vsum.reshape(-1, S, Dv), counts.reshape(-1, S)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, ksum, vsum))
-    rows = qr.shape[0]
-    step = max(1, COMPRESSED_ELEMENTS // max(1, G * bs * S))
-    if rows <= step:
-        out, lse = _compressed_rows(qr, kr, vr, cr, scale)
-    elif grad:
-        parts = [
-            checkpoint(
-                _compressed_rows,
-                qr[i : i + step],
-                kr[i : i + step],
-                vr[i : i + step],
-                cr[i : i + step],
-                scale,
-                use_reentrant=False,
-            )  # fmt: skip
-            for i in range(0, rows, step)
-        ]
-        out, lse = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    else:
-        out, lse = qr.new_empty(rows, G * bs, Dv), qr.new_empty(rows, G * bs)
-        for i in range(0, rows, step):
-            out[i : i + step], lse[i : i + step] = _compressed_rows(
-                qr[i : i + step], kr[i : i + step], vr[i : i + step], cr[i : i + step], scale
-            )
+    qr = qp.view(B, Hkv, G, nqb, bs, D).permute(0, 1, 3, 2, 4, 5).reshape(B, Hkv, nqb, G * bs, D)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    step = max(1, COMPRESSED_ELEMENTS // max(1, B * Hkv * S * max(D, Dv, G * bs)))
+    tensors = (sums.kk, sums.vv, sums.cc, sums.tk, sums.tv, sums.tc, sums.offsets)
+    outs, lses = [], []
+    for a0 in range(0, nqb, step):
+        a1 = min(nqb, a0 + step)
+        kw = dict(block_mask=block_mask, groups=groups, block_size=bs, a0=a0, a1=a1, scale=scale)
+        if grad:
+            part = checkpoint(_compressed_chunk, qr[:, :, a0:a1], *tensors, use_reentrant=False, **kw)
+        else:
+            part = _compressed_chunk(qr[:, :, a0:a1], *tensors, **kw)
+        outs.append(part[0])
+        lses.append(part[1])
+    out, lse = torch.cat(outs, 2), torch.cat(lses, 2)  # (B, Hkv, nqb, G·bs, ·)
     out = out.view(B, Hkv, nqb, G, bs, Dv).permute(0, 1, 3, 2, 4, 5).reshape(B, H, nqb * bs, Dv)[:, :, :nq]
     lse = lse.view(B, Hkv, nqb, G, bs).permute(0, 1, 3, 2, 4).reshape(B, H, nqb * bs)[:, :, :nq]
     return out, lse
@@ -445,10 +470,9 @@ def hybrid_selection(q, k, *, causal, key_padding_mask, scale, remainder, remain
 
 
 def _group_counts(nk, key_padding_mask, block_mask, groups, block_size, batch):
-    # Counts only: pseudo_keys on 1-dim zero keys/values.
-    Hkv = block_mask.shape[1]
-    z = torch.zeros(batch, Hkv, nk, 1, device=block_mask.device)
-    return pseudo_keys(z, z, key_padding_mask, block_mask, groups, block_size)[2]
+    # Counts only: pseudo_keys of 1-dim zero keys/values.
+    z = torch.zeros(batch, block_mask.shape[1], nk, 1, device=block_mask.device)
+    return pseudo_keys(chunk_sums(z, z, key_padding_mask, groups), block_mask, groups, block_size)[2]
 
 
 def hybrid_reference(
@@ -506,8 +530,7 @@ def hybrid_torch(
     out_exact, lse_exact = block_attention(q, k, v, sel.block_mask, return_lse=True, **kw)
     full = dict(params, remainder_block=remainder_block, remainder_near=remainder_near)
     groups = _groups_for(q.shape[2], k.shape[2], full, causal, q.device)
-    ksum, vsum, counts = pseudo_keys(k, v, key_padding_mask, sel.block_mask, groups, bs)
-    out_rest, lse_rest = compressed_part(q, ksum, vsum, counts, scale=scale, block_size=bs)
+    out_rest, lse_rest = compressed_part(q, k, v, key_padding_mask, sel.block_mask, groups, scale=scale, block_size=bs)
     out, _ = merge_partials(out_exact.to(out_rest.dtype), lse_exact, out_rest, lse_rest)
     return out.to(q.dtype), None
 
