@@ -20,6 +20,16 @@ from .selection import Selection, selection
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # sla.testing (conformance checks, for tests) loads on first use: the library never needs it.
+    if name == "testing":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.testing")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ALiBi",
     "MultiheadAttention",

@@ -10,9 +10,17 @@ import pytest
 import torch
 
 import sparse_linear_attn as sla
+from sparse_linear_attn import registry
+from sparse_linear_attn.backends.dispatch import check_backend
 from sparse_linear_attn.bench.cli import main
 from sparse_linear_attn.bench.runner import KEY_FIELDS, read_results, record_key
-from sparse_linear_attn.bench.spec import parse_seq_lens, parse_value, parse_variant_spec
+from sparse_linear_attn.bench.spec import (
+    load_study,
+    parse_seq_lens,
+    parse_value,
+    parse_variant_spec,
+    variant_from_entry,
+)
 from sparse_linear_attn.errors import ParameterError, UnknownNameError
 
 TINY = ["--heads", "2", "--head-dim", "8", "--repeats", "2", "--warmup", "0"]
@@ -306,17 +314,31 @@ def test_backward_sweep(tmp_path):
     assert "no exact reference" in additive["error_note"] and additive["rel_error_vs_full"] is None
 
 
-@pytest.mark.parametrize("name", ["example.yaml", "gpu-bf16.yaml"])
-def test_committed_studies_parse(name):
-    from sparse_linear_attn.bench.spec import load_study, variant_from_entry
+STUDIES = sorted((Path(__file__).parent.parent / "benchmarks" / "studies").glob("*.yaml"))
 
-    study = load_study(Path(__file__).parent.parent / "benchmarks" / "studies" / name)
-    names = [e if isinstance(e, str) else e["variant"] for e in study["variants"]]
-    missing = {n.split(":")[0] for n in names} - set(sla.available_variants())
-    if missing:
-        pytest.skip(f"variants not registered on this branch yet: {sorted(missing)}")
-    for e in study["variants"]:
-        variant_from_entry(e)
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_committed_studies_name_registered_variants_and_backends(path):
+    study = load_study(path)
+    assert study["variants"], f"{path.name} lists no variants"
+    for entry in study["variants"]:
+        bench = variant_from_entry(entry)  # unknown variant or parameter: raises
+        assert bench.name in sla.available_variants()
+        check_backend(registry.get(bench.name), bench.backend)  # e.g. backend=xformers on a variant without it
+
+
+def test_a_study_naming_an_unknown_variant_is_an_error(tmp_path):
+    assert len(STUDIES) >= 2  # the glob above found the committed studies
+    study = tmp_path / "renamed.yaml"
+    study.write_text("variants:\n  - full\n  - sliding_windw:window=8\n")
+    entries = load_study(study)["variants"]
+    variant_from_entry(entries[0])
+    with pytest.raises(UnknownNameError, match="'sliding_windw'. Did you mean 'sliding_window'"):
+        variant_from_entry(entries[1])
+    with pytest.raises(ParameterError, match="'windw'"):
+        variant_from_entry({"variant": "sliding_window", "windw": 8})
+    with pytest.raises(ValueError, match="has no 'flex' backend"):
+        check_backend(registry.get("linear"), variant_from_entry("linear:backend=flex").backend)
 
 
 def test_synthetic_inputs_have_their_shape_of_attention():

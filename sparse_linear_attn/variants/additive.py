@@ -116,5 +116,6 @@ add(
         supports=Supports(),
         module=AdditiveAttention,
         default_scale=1.0,
+        examples=({"head_dim": 8, "hidden_dim": 4},),
     )
 )

@@ -612,5 +612,14 @@ add(
         mask_fn=block_sparse_mask,
         visible_keys=block_sparse_visible_keys,
         check_params=_check_params,
+        # Each named pattern, block sizes that do and do not divide N = 16, 24, 40. (A per-head
+        # layout depends on N, so it has no example here; tests/test_block_sparse.py covers it.)
+        examples=(
+            {"block_size": 4, "pattern": "local", "num_local_blocks": 2},
+            {"block_size": 8, "pattern": "strided", "stride": 2},
+            {"block_size": 5, "pattern": "fixed", "num_local_blocks": 2, "num_global_blocks": 1},
+            {"block_size": 6, "pattern": "longformer", "num_local_blocks": 1, "num_global_blocks": 1},
+            {"block_size": 4, "pattern": "bigbird", "num_local_blocks": 1, "num_random_blocks": 2, "seed": 3},
+        ),
     )
 )

@@ -397,6 +397,13 @@ add(
         params=_params(feature_map=True),
         supports=Supports(),
         impls={"torch": Impl(linear_chunked), "math": Impl(linear_reference)},
+        # Each feature map; chunks shorter than N, ragged and not (N = 16, 24, 40).
+        examples=(
+            {"feature_map": "elu", "chunk_size": 5},
+            {"feature_map": "relu", "chunk_size": 7},
+            {"feature_map": "favor", "num_features": 16, "seed": 1, "chunk_size": 8},
+            {"feature_map": "taylor", "chunk_size": 16},
+        ),
     )
 )
 
@@ -409,5 +416,10 @@ add(
         params=_params(feature_map=False),
         supports=Supports(),
         impls={"torch": Impl(_as_performer(linear_chunked)), "math": Impl(_as_performer(linear_reference))},
+        examples=(
+            {"num_features": 16, "chunk_size": 5},
+            {"num_features": 7, "seed": 2, "chunk_size": 16},
+            {"num_features": 16, "redraw": True},
+        ),
     )
 )

@@ -294,5 +294,7 @@ add(
         },
         mask_fn=sliding_window_mask,
         visible_keys=sliding_window_visible_keys,
+        # Inside the sequence, none, one key, and wider than the sequence.
+        examples=({"window": 5}, {"window": 0}, {"window": 1}, {"window": 50}),
     )
 )
