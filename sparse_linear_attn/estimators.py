@@ -34,7 +34,8 @@ Built-ins (the cost is for B·H heads of N queries and keys, blocks of ``bs``):
   scoreable blocks, summed per key block, averaged. O(N²·D); for analysis and as the upper bound.
 
 Each row's masses sum to 1 per query head (so to ``H/Hkv`` per kv head) over its scoreable
-blocks; rows with none are zero. Users add estimators with :func:`register_estimator`.
+blocks; rows with none are zero. The built-ins compute in float32 whatever the input dtype.
+Users add estimators with :func:`register_estimator`.
 """
 
 from __future__ import annotations
@@ -142,7 +143,9 @@ def window_means(q: torch.Tensor, block_size: int, causal: bool) -> torch.Tensor
 
 
 def _work(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    # float32 whatever the input: scores are estimates, and one precision means one selection,
+    # so a float64 reference selects exactly what a float32 or bfloat16 call on the same values does.
+    return t.float()
 
 
 def _group_sum(p: torch.Tensor, hkv: int) -> torch.Tensor:

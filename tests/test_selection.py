@@ -128,7 +128,8 @@ def test_estimators_match_their_definitions(name, nq, nk, bs, causal, H, Hkv, pa
     kpm = padding(2, nk) if pad else None
     got = estimate(name, q, k, block_size=bs, causal=causal, key_padding_mask=kpm, scale=0.7, stride=2)
     want = naive_scores(name, q, k, bs=bs, causal=causal, kpm=kpm, scale=0.7, stride=2)
-    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+    assert got.dtype == torch.float32  # one precision, one selection, whatever the inputs
+    torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5)
 
 
 def test_estimators_chunk_without_changing_results(monkeypatch):
@@ -140,7 +141,7 @@ def test_estimators_chunk_without_changing_results(monkeypatch):
     monkeypatch.setattr(estimators, "CHUNK_ELEMENTS", 1)  # one query block per chunk
     for n, ref in whole.items():
         got = estimate(n, q, k, block_size=4, causal=True, key_padding_mask=None, scale=0.5, stride=2)
-        torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("pad", [False, True])
