@@ -14,8 +14,6 @@ import math
 
 import pytest
 import torch
-from _reference import softmax_attention
-from _trace import LargestTensor
 
 import sparse_linear_attn as sla
 from sparse_linear_attn.errors import ParameterError

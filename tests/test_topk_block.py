@@ -203,3 +203,56 @@ def test_described_and_built_from_a_config():
     q, k, v = rand(1, 2, 2, 16, 16)
     sel = sla.selection(q, k, "topk_block", causal=True, block_size=4, density=0.5)
     torch.testing.assert_close(layer(q, k, v).double(), reference(q, k, v, sel), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "variant,estimator,grad",
+    [
+        ("topk_block", "mean_pool", False),
+        ("topk_block", "mean_pool", True),
+        ("topk_block", "key_pool", False),
+        ("topk_block", "antidiagonal", False),
+        ("hybrid", "mean_pool", False),
+        ("hybrid", "mean_pool", True),
+    ],
+)
+def test_no_tensor_of_n_squared_elements(variant, estimator, grad):
+    # Every allocation (forward and backward) stays far below Nq·Nk: the selection is
+    # (N/bs)², estimators and the compressed part are chunked, the tiles bounded per group.
+    from _trace import LargestTensor
+
+    n = 4096
+    q, k, v = (t.requires_grad_(grad) for t in rand(1, 2, 1, n, n, D=16, Dv=16))
+    with LargestTensor() as mode:
+        out = sla.attention(q, k, v, variant, causal=True, block_size=64, density=0.1, estimator=estimator)
+        if grad:
+            out.sum().backward()
+    assert mode.largest < n * n // 4, mode.largest
+
+
+def _flex_compiles() -> str | None:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        x = torch.randn(1, 1, 128, 16)
+        bm = create_block_mask(lambda b, h, i, j: j <= i, None, None, 128, 128, device="cpu")
+        torch.compile(flex_attention, dynamic=False)(x, x, x, block_mask=bm)
+        return None
+    except Exception as e:  # no C++ compiler, unsupported platform...
+        return f"FlexAttention does not compile here: {type(e).__name__}"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flex_block_mask_from_the_selection(causal):
+    # The GPU path, checked on CPU without grad: a BlockMask built from the selection computes
+    # exactly its dense entries (GQA, key padding, ragged lengths, Nq != Nk).
+    reason = _flex_compiles()
+    if reason:
+        pytest.skip(reason)
+    q, k, v = rand(2, 4, 2, 100, 130, D=16, Dv=16)
+    kpm = padding(2, 130)
+    kw = dict(causal=causal, key_padding_mask=kpm, block_size=16, density=0.4)
+    sel = sla.selection(q, k, "topk_block", **kw)
+    with torch.no_grad():
+        out = sla.attention(q, k, v, "topk_block", backend="flex", **kw)
+    torch.testing.assert_close(out.double(), reference(q, k, v, sel), atol=2e-6, rtol=1e-5)
