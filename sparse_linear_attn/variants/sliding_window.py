@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..backends.flex import block_mask_from_layout, cached_block_mask, flex_run, flex_skip_in_auto
 from ..backends.math import dense_attention
+from ..backends.partial import merge_partials, partial_attention
 from ..backends.sdpa import masked_sdpa
 from ..backends.tiles import tile_attention, use_bmm_tiles
 from ..backends.xformers_backend import no_key_padding, sliding_window_xformers
@@ -47,22 +48,30 @@ GROUP_ELEMENTS = 1 << 23
 SCORE_ELEMENTS = 1 << 19
 
 
-def sliding_window_mask(nq: int, nk: int, *, causal: bool = False, window: int = 256) -> torch.Tensor:
+def sliding_window_mask(nq: int, nk: int, *, causal: bool = False, window: int = 256, sinks: int = 0) -> torch.Tensor:
     """Bool ``(nq, nk)``: True where query ``i`` may see key ``j`` (the definition above). O(nq·nk)."""
     i = torch.arange(nq)[:, None] + causal_offset(nq, nk)
-    d = torch.arange(nk)[None, :] - i
-    return (d >= -window) & (d <= (0 if causal else window))
+    j = torch.arange(nk)[None, :]
+    d = j - i
+    band = (d >= -window) & (d <= (0 if causal else window))
+    return band | ((j < sinks) & ((j <= i) if causal else True))
 
 
-def sliding_window_visible_keys(nq: int, nk: int, *, causal: bool = False, window: int = 256) -> float:
-    """Average keys per query of the band, edges included, in O(Nq) without a mask."""
+def sliding_window_visible_keys(nq: int, nk: int, *, causal: bool = False, window: int = 256, sinks: int = 0) -> float:
+    """Average keys per query of the band and the sinks, edges included, in O(Nq) without a mask."""
     i = torch.arange(nq, dtype=torch.float64) + causal_offset(nq, nk)
     lo = (i - window).clamp_min(0)
     hi = (i if causal else i + window).clamp_max(nk - 1)
-    return float((hi - lo + 1).clamp_min(0).mean())
+    band = (hi - lo + 1).clamp_min(0)
+    # Sinks [0, s) (causal: those ≤ i) that the band [lo, hi] does not already hold.
+    s = torch.full_like(i, float(min(sinks, nk)))
+    if causal:
+        s = torch.minimum(s, i + 1).clamp_min(0)
+    inside = (torch.minimum(s - 1, hi) - lo + 1).clamp_min(0)
+    return float((band + s - inside).mean())
 
 
-def sliding_window_reference(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window):
+def sliding_window_reference(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window, sinks=0):
     """Dense masked softmax: the ``math`` backend (O(Nq·Nk)), the one that returns weights."""
     nq, nk = q.shape[2], k.shape[2]
     mask = full_visibility(
@@ -70,7 +79,7 @@ def sliding_window_reference(q, k, v, *, causal, key_padding_mask, scale, return
         nk,
         causal=causal,
         key_padding_mask=key_padding_mask,
-        pattern=sliding_window_mask(nq, nk, causal=causal, window=window).to(q.device),
+        pattern=sliding_window_mask(nq, nk, causal=causal, window=window, sinks=sinks).to(q.device),
     )
     return dense_attention(q, k, v, scale=scale, mask=mask, return_weights=return_weights)
 
@@ -94,8 +103,9 @@ def _span(t: torch.Tensor, start: int, stop: int, fill) -> torch.Tensor:
     return torch.cat(parts, dim=2)
 
 
-def _tile_group(q, k, v, kpm, band, t0, g, *, T, wl, wr, offset, scale):
-    """Attention of query tiles ``t0 .. t0+g-1`` over their key spans: ``(B, H, g·T, Dv)``."""
+def _tile_group(q, k, v, kpm, band, t0, g, *, T, wl, wr, offset, scale, lse=False):
+    """Attention of query tiles ``t0 .. t0+g-1`` over their key spans: ``(B, H, g·T, Dv)``;
+    with ``lse``, ``(out, lse (B, H, g·T))`` through explicit scores (float32 at least)."""
     B, H, nq, D = q.shape
     Hkv, nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     L = band.shape[1]
@@ -116,21 +126,28 @@ def _tile_group(q, k, v, kpm, band, t0, g, *, T, wl, wr, offset, scale):
         if kpm is not None:
             ok = ok & ~_span(kpm[:, None, :], start, stop, True)[:, 0].unfold(1, L, T)  # (B, g, L)
         mask = (band & ok[:, :, None, :]).expand(B, g, T, L).reshape(B * g, 1, T, L)
+    else:
+        mask = band
+    if lse:
+        out, row_lse = partial_attention(q4, k4, v4, scale=scale, mask=mask)
+        row_lse = row_lse.reshape(B, g, H, T).transpose(1, 2).reshape(B, H, g * T)
+    elif mask is not band:
         out = masked_sdpa(q4, k4, v4, mask=mask, scale=scale)
     else:
         out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=band, scale=scale, enable_gqa=H != Hkv)
-    out = out.reshape(B, g, H, T, Dv)
-    return out.transpose(1, 2).reshape(B, H, g * T, Dv)
+    out = out.reshape(B, g, H, T, Dv).transpose(1, 2).reshape(B, H, g * T, Dv)
+    return (out, row_lse) if lse else out
 
 
-def _interior_group_into(out, q, k, v, band, t0, g, *, T, wl, offset, scale, bias=None, scores=None):
+def _interior_group_into(out, q, k, v, band, t0, g, *, T, wl, offset, scale, bias=None, scores=None, lse=None):
     """No-grad fast path for tiles whose spans lie inside the sequence: no copies at all.
 
     Tile spans overlap, so they are an ``as_strided`` view of ``k``/``v`` (tiles as the batch
     dim, stride ``T`` rows), read in place; output goes straight to ``out``. With ``bias`` (the
     band as an additive mask) each head runs through :func:`tile_attention`'s ``bmm``s (CPU,
-    float32/64), as many tiles at a time as the ``scores`` buffer holds; else all heads through
-    one SDPA call per batch row.
+    float32/64), as many tiles at a time as the ``scores`` buffer holds, writing each query's
+    log-sum-exp into ``lse (B, H, Nq)`` when given; else all heads through one SDPA call per
+    batch row.
     """
     B, H = q.shape[:2]
     Hkv, D, Dv = k.shape[1], k.shape[3], v.shape[3]
@@ -155,7 +172,10 @@ def _interior_group_into(out, q, k, v, band, t0, g, *, T, wl, offset, scale, bia
                 step = max(1, scores.numel() // (T * L))
                 for i in range(0, g, step):
                     j = min(g, i + step)
-                    tile_attention(qs[i:j], ks[i:j], vs[i:j], scale=scale, bias=bias, out=outs[i:j], scores=scores)
+                    res = tile_attention(qs[i:j], ks[i:j], vs[i:j], scale=scale, bias=bias, out=outs[i:j],
+                                         scores=scores, return_lse=lse is not None)  # fmt: skip
+                    if lse is not None:
+                        lse[b, h, (t0 + i) * T : (t0 + j) * T] = res[1].flatten()
         return
     for b in range(B):
         kb, vb = k[b], v[b]
@@ -174,8 +194,38 @@ def _interior_group_into(out, q, k, v, band, t0, g, *, T, wl, offset, scale, bia
         out[b, :, t0 * T : (t0 + g) * T].unflatten(1, (g, T)).copy_(o.transpose(0, 1))
 
 
-def sliding_window_torch(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window, tile=None):
-    """Tiled exact sliding-window attention (see the module docstring for cost and memory)."""
+def sliding_window_torch(
+    q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window, sinks=0, tile=None
+):  # fmt: skip
+    """Tiled exact sliding-window attention (see the module docstring for cost and memory);
+    with ``sinks``, the band's part and the sinks' part merged by their log-sum-exp."""
+    if sinks:
+        out, band_lse = _band(q, k, v, key_padding_mask, causal=causal, scale=scale, window=window, tile=tile,
+                              lse=True)  # fmt: skip
+        sink_out, sink_lse = _sink_part(q, k, v, key_padding_mask, causal=causal, scale=scale, window=window,
+                                        sinks=sinks)  # fmt: skip
+        out, _ = merge_partials(out.to(sink_out.dtype), band_lse, sink_out, sink_lse)
+        return out.to(q.dtype), None
+    return _band(q, k, v, key_padding_mask, causal=causal, scale=scale, window=window, tile=tile), None
+
+
+def _sink_part(q, k, v, kpm, *, causal, scale, window, sinks):
+    """Attention over the first ``sinks`` keys that the band does not hold (causal: at or before
+    the query): ``(out, lse)``, O(Nq·sinks)."""
+    nq, nk = q.shape[2], k.shape[2]
+    s = min(sinks, nk)
+    i = torch.arange(nq, device=q.device)[:, None] + causal_offset(nq, nk)
+    j = torch.arange(s, device=q.device)[None, :]
+    outside = (j < i - window) | (j > (i if causal else i + window))
+    mask = (outside & (j <= i)) if causal else outside
+    mask = mask[None, None]
+    if kpm is not None:
+        mask = mask & ~kpm[:, None, None, :s]
+    return partial_attention(q, k[:, :, :s], v[:, :, :s], scale=scale, mask=mask)
+
+
+def _band(q, k, v, key_padding_mask, *, causal, scale, window, tile=None, lse=False):
+    """The band's attention ``(B, H, Nq, Dv)``, or ``(out, lse)`` with each query's log-sum-exp."""
     B, H, nq, _ = q.shape
     Hkv, nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
@@ -204,32 +254,40 @@ def sliding_window_torch(q, k, v, *, causal, key_padding_mask, scale, return_wei
         # Recompute each group in the backward pass instead of keeping its gathered k/v copies,
         # so training memory stays O(N·D) as well.
         pieces = [
-            checkpoint(_tile_group, q, k, v, key_padding_mask, band, t0, g, use_reentrant=False, **kw)
+            checkpoint(_tile_group, q, k, v, key_padding_mask, band, t0, g, use_reentrant=False, lse=lse, **kw)
             for t0, g in groups
         ]
-        return torch.cat(pieces, dim=2)[:, :, :nq], None
+        if lse:
+            return torch.cat([p[0] for p in pieces], 2)[:, :, :nq], torch.cat([p[1] for p in pieces], 2)[:, :, :nq]
+        return torch.cat(pieces, dim=2)[:, :, :nq]
     out = q.new_empty(B, H, nq, Dv)
+    row_lse = q.new_empty(B, H, nq, dtype=torch.promote_types(q.dtype, torch.float32)) if lse else None
     if use_bmm_tiles(q, grad) and key_padding_mask is None and last > first:
         # bmm tiles go head by head, so they take the whole interior at once (in score-buffer
         # sized steps): grouping across heads would multiply the calls by B·H.
         bias = torch.zeros(band.shape, dtype=q.dtype, device=q.device).masked_fill_(~band, float("-inf"))
         scores = q.new_empty(max(1, min(last - first, SCORE_ELEMENTS // (T * L))) * T * L)
         _interior_group_into(
-            out, q, k, v, band, first, last - first, T=T, wl=wl, offset=offset, scale=scale, bias=bias, scores=scores
-        )
+            out, q, k, v, band, first, last - first, T=T, wl=wl, offset=offset, scale=scale, bias=bias, scores=scores,
+            lse=row_lse,
+        )  # fmt: skip
         groups = [(t0, g) for t0, g in groups if not first <= t0 < last]
     for t0, g in groups:
-        if key_padding_mask is None and first <= t0 and t0 + g <= last:
+        if key_padding_mask is None and first <= t0 and t0 + g <= last and not lse:
             _interior_group_into(out, q, k, v, band, t0, g, T=T, wl=wl, offset=offset, scale=scale)
             continue
-        piece = _tile_group(q, k, v, key_padding_mask, band, t0, g, **kw)
+        piece = _tile_group(q, k, v, key_padding_mask, band, t0, g, lse=lse, **kw)
         stop = min(nq, (t0 + g) * T)
+        if lse:
+            piece, piece_lse = piece
+            row_lse[:, :, t0 * T : stop] = piece_lse[:, :, : stop - t0 * T]
         out[:, :, t0 * T : stop] = piece[:, :, : stop - t0 * T]
-    return out, None
+    return (out, row_lse) if lse else out
 
 
-def _block_layouts(nq, nk, block, wl, wr, device):
-    """Tiles ``(nq_blocks, nk_blocks)`` with any / all entries inside the band (ragged edges partial)."""
+def _block_layouts(nq, nk, block, wl, wr, device, sinks=0, causal=False):
+    """Tiles ``(nq_blocks, nk_blocks)`` with any / all entries inside the band or the sinks
+    (ragged edges partial)."""
     qb = torch.arange(-(-nq // block), device=device)[:, None]
     kb = torch.arange(-(-nk // block), device=device)[None, :]
     off = causal_offset(nq, nk)
@@ -238,6 +296,10 @@ def _block_layouts(nq, nk, block, wl, wr, device):
     d_min, d_max = k_lo - q_hi - off, k_hi - q_lo - off  # range of j − i' over the tile
     any_v = (d_max >= -wl) & (d_min <= wr)
     full = (d_min >= -wl) & (d_max <= wr)
+    if sinks:
+        # Sink keys j < sinks, seen by every query (causal: by those at or after them).
+        any_v |= (k_lo < sinks) & ((k_lo <= q_hi + off) if causal else True)
+        full |= (k_hi < sinks) & ((k_hi <= q_lo + off) if causal else True)
     full &= ((qb + 1) * block <= nq) & ((kb + 1) * block <= nk)
     return any_v, full
 
@@ -246,7 +308,7 @@ def _block_layouts(nq, nk, block, wl, wr, device):
 FLEX_BLOCK = 128
 
 
-def sliding_window_flex(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window):
+def sliding_window_flex(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window, sinks=0):
     """Compiled FlexAttention with a BlockMask built from the band's tile layout (cached)."""
     nq, nk = q.shape[2], k.shape[2]
     wl, wr = window, (0 if causal else window)
@@ -256,18 +318,26 @@ def sliding_window_flex(q, k, v, *, causal, key_padding_mask, scale, return_weig
     def mask_mod(b, h, q_idx, kv_idx):
         d = kv_idx - q_idx - off
         keep = (d >= -wl) & (d <= wr)
+        if sinks:
+            keep = keep | ((kv_idx < sinks) & (d <= 0) if causal else kv_idx < sinks)
         if kpm is not None:
             keep = keep & ~kpm[b, kv_idx]
         return keep
 
     def build():
-        any_v, full = _block_layouts(nq, nk, FLEX_BLOCK, wl, wr, q.device)
+        any_v, full = _block_layouts(nq, nk, FLEX_BLOCK, wl, wr, q.device, sinks, causal)
         if kpm is not None:
             full = torch.zeros_like(full)  # padding is only known element-wise
         return block_mask_from_layout(any_v[None, None], full[None, None], mask_mod, nq, nk, FLEX_BLOCK)
 
-    key = None if kpm is not None else ("sliding_window", nq, nk, wl, wr, str(q.device))
+    key = None if kpm is not None else ("sliding_window", nq, nk, wl, wr, sinks, causal, str(q.device))
     return flex_run(q, k, v, block_mask=cached_block_mask(key, build), scale=scale), None
+
+
+def _xformers_rules_out(call, params) -> str | None:
+    if params["sinks"]:
+        return "xformers' local-attention bias has no sink keys (sinks > 0); the torch and flex backends do"
+    return no_key_padding(call, params)
 
 
 add(
@@ -284,17 +354,30 @@ add(
                 "FlashAttention window_size=(window, window) / (window, 0)",
                 int_at_least(0),
             ),
+            "sinks": Param(
+                "sinks",
+                0,
+                "first keys visible to every query (causal: to those at or after them); StreamingLLM's attention sinks",
+                int_at_least(0),
+            ),
         },
         supports=Supports(),
         impls={
             "torch": Impl(sliding_window_torch),
             "flex": Impl(sliding_window_flex, skip_in_auto=flex_skip_in_auto),
-            "xformers": Impl(sliding_window_xformers, rules_out=no_key_padding),
+            "xformers": Impl(sliding_window_xformers, rules_out=_xformers_rules_out),
             "math": Impl(sliding_window_reference),
         },
         mask_fn=sliding_window_mask,
         visible_keys=sliding_window_visible_keys,
         # Inside the sequence, none, one key, and wider than the sequence.
-        examples=({"window": 5}, {"window": 0}, {"window": 1}, {"window": 50}),
+        examples=(
+            {"window": 5},
+            {"window": 0},
+            {"window": 1},
+            {"window": 50},
+            {"window": 3, "sinks": 2},
+            {"window": 0, "sinks": 50},
+        ),  # fmt: skip
     )
 )
