@@ -1,6 +1,7 @@
 """``sliding_window`` — exact softmax attention inside a band of ``window`` keys on each side.
 
     query i sees key j  iff  i' − window ≤ j ≤ i' + window        (causal: i' − window ≤ j ≤ i')
+                         or  j < sinks                             (causal: and j ≤ i')
     with i' = i + Nk − Nq  (bottom-right alignment, as for ``causal`` everywhere)
 
     out_i = Σ_j softmax_j(q_i·k_j·scale over the visible j) v_j
@@ -21,6 +22,11 @@ on CPU in float32/64 they run through :func:`~sparse_linear_attn.backends.tiles.
 SDPA. With grad, each group copies its spans (``unfold``, bounded by ``GROUP_ELEMENTS``), runs
 SDPA and is recomputed in backward. Only tiles at the sequence edges, and calls with a key
 padding mask, need a per-tile mask (and run through SDPA).
+
+``sinks`` (StreamingLLM's attention sinks) adds the first keys to every query's window. The
+band is then computed with each query's log-sum-exp (``tile_attention``'s, or explicit scores
+where SDPA ran) and merged with the attention over the sink keys outside the band — an
+O(Nq·sinks) part — by :func:`~sparse_linear_attn.backends.partial.merge_partials`.
 """
 
 from __future__ import annotations
