@@ -55,12 +55,14 @@ def tile_attention(
     if keep is not None:
         s.masked_fill_(~keep, float("-inf"))
     if return_lse:
-        # The softmax spelled out, to keep its max and sum: lse = max + log Σ exp(s − max).
+        # The softmax spelled out, to keep its max and sum: lse = max + log Σ exp(s − max). The
+        # normalisation divides the (Tq, Dv) output rather than the (Tq, L) probabilities.
         top = s.amax(-1, keepdim=True)
         s.sub_(top).exp_()
         total = s.sum(-1, keepdim=True)
-        s.div_(total)
-        return torch.bmm(s, v, out=out), (top + total.log()).squeeze(-1)
+        o = torch.bmm(s, v, out=out)
+        o.div_(total)
+        return o, (top + total.log()).squeeze(-1)
     # In place: a second score-sized buffer per call cost ~15% (allocation and page faults).
     torch.softmax(s, dim=-1, out=s)
     return torch.bmm(s, v, out=out)
