@@ -57,7 +57,7 @@ from .topk_block import check_selection_params, selection_params, topk_selection
 COMPRESSED_ELEMENTS = 1 << 22
 
 
-def _near_check(value: Any) -> str | None:
+def _none_or_positive(value: Any) -> str | None:
     if value is None:
         return None
     return int_at_least(1)(value)
@@ -451,28 +451,22 @@ def hybrid_selection(q, k, *, causal, key_padding_mask, scale, remainder, remain
     sel = topk_selection(q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale, **params)
     if remainder == "none":
         return sel
-    full = dict(params, remainder_block=remainder_block, remainder_near=remainder_near)
     B, H, nq, _ = q.shape
-    groups = _groups_for(nq, k.shape[2], full, causal, q.device)
-    counts = _group_counts(k.shape[2], key_padding_mask, sel.block_mask, groups, params["block_size"], B)
-    bs = params["block_size"]
-    rows = (
-        torch.clamp(torch.arange(1, counts.shape[2] + 1, device=q.device) * bs, max=nq)
-        - torch.arange(counts.shape[2], device=q.device) * bs
-    )  # queries per row
-    entries = float(((counts > 0.5).sum(-1) * rows).sum()) * (H // k.shape[1])
-    visible = visible_per_tile(nq, k.shape[2], bs, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
+    Hkv, nk = k.shape[1], k.shape[2]
+    bs = sel.block_size
+    groups = _groups_for(nq, nk, dict(params, remainder_block=remainder_block, remainder_near=remainder_near),
+                         causal, q.device)  # fmt: skip
+    # Group sizes only: the pseudo-key sums of 1-dim zero keys and values.
+    z = torch.zeros(B, Hkv, nk, 1, device=q.device)
+    counts = pseudo_keys(chunk_sums(z, z, key_padding_mask, groups), sel.block_mask, groups, bs)[2]
+    queries = torch.clamp(nq - torch.arange(counts.shape[2], device=q.device) * bs, max=bs)  # per query block
+    entries = float(((counts > 0.5).sum(-1) * queries).sum()) * (H // Hkv)
+    visible = visible_per_tile(nq, nk, bs, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
     reachable = float(visible.expand(B, -1, -1).sum()) * H
     return Selection(
         block_mask=sel.block_mask, block_size=bs, density=sel.density, compressed_density=ratio(entries, reachable),
-        nq=nq, nk=k.shape[2], heads=H, causal=causal, key_padding_mask=key_padding_mask, scores=sel.scores,
+        nq=nq, nk=nk, heads=H, causal=causal, key_padding_mask=key_padding_mask, scores=sel.scores,
     )  # fmt: skip
-
-
-def _group_counts(nk, key_padding_mask, block_mask, groups, block_size, batch):
-    # Counts only: pseudo_keys of 1-dim zero keys/values.
-    z = torch.zeros(batch, block_mask.shape[1], nk, 1, device=block_mask.device)
-    return pseudo_keys(chunk_sums(z, z, key_padding_mask, groups), block_mask, groups, block_size)[2]
 
 
 def hybrid_reference(
@@ -545,14 +539,17 @@ def hybrid_params() -> dict[str, Param]:
             one_of("block_mean", "none"),
         ),
         remainder_block=Param(
-            "remainder_block", None, "keys per finest pseudo-key; divides block_size (None: block_size)", _near_check
+            "remainder_block",
+            None,
+            "keys per finest pseudo-key; divides block_size (None: block_size)",
+            _none_or_positive,
         ),
         remainder_near=Param(
             "remainder_near",
             32,
             "finest pseudo-keys on each side before they double in size (and again every remainder_near); "
             "None: no coarsening (quadratic compressed part)",
-            _near_check,
+            _none_or_positive,
         ),
     )
     return params
