@@ -107,17 +107,10 @@ CASES = [
     (37, 37, 4, False, 2, 2, True, {"density": 0.25, "remainder_block": 2, "remainder_near": 2}),
     (21, 45, 4, True, 2, 1, True, {"mass": 0.5, "estimator": "key_pool", "remainder_block": 1, "remainder_near": 3}),
     (45, 21, 4, True, 2, 2, False, {"density": 0.3, "local_blocks": 2, "remainder_near": None}),
-    (
-        33,
-        33,
-        8,
-        False,
-        3,
-        1,
-        True,
-        {"density": 0.3, "sink_blocks": 0, "local_blocks": 0, "remainder_block": 2, "remainder_near": 1},
-    ),  # fmt: skip
-]
+    (33, 33, 8, False, 3, 1, True, {"density": 0.3, "sink_blocks": 0, "local_blocks": 0, "remainder_block": 2,
+                                     "remainder_near": 1}),
+    (40, 40, 4, True, 2, 2, True, {"density": 0.3, "selection": "block", "remainder_block": 2}),
+]  # fmt: skip
 
 
 def _kw(bs, causal, kpm, params):
