@@ -242,7 +242,7 @@ def remainder_groups_naive(
 
 def _dyadic(t: torch.Tensor, levels: int) -> tuple[torch.Tensor, list[int]]:
     """Sums of ``t (..., n, E)`` over aligned runs of ``2^ℓ`` rows for ℓ < levels, concatenated
-    along dim −2; and the offset of each level."""
+    along dim −2 and followed by one zero row (index −1); and the offset of each level."""
     n = t.shape[-2]
     size = 1 << max(0, (n - 1).bit_length())
     t = F.pad(t, (0, 0, 0, size - n))
@@ -252,6 +252,7 @@ def _dyadic(t: torch.Tensor, levels: int) -> tuple[torch.Tensor, list[int]]:
         offsets.append(at)
         at += t.shape[-2]
         tables.append(t)
+    tables.append(torch.zeros_like(t[..., :1, :]))  # a zero row last, read by unused slots
     return torch.cat(tables, -2), offsets
 
 
@@ -292,8 +293,8 @@ def pseudo_keys(
     sums: ChunkSums, block_mask: torch.Tensor, groups: Groups, block_size: int, a0: int = 0, a1: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sums of keys and values of the groups of query blocks ``a0 … a1 − 1``, selected keys
-    removed: ``ksum (B, Hkv, rows, S, D)``, ``vsum (…, Dv)`` and ``counts (B, Hkv, rows, S)``
-    (0 for empty or unused slots).
+    removed: ``ksum (B, Hkv, rows, S', D)``, ``vsum (…, Dv)`` and ``counts (B, Hkv, rows, S')``
+    (0 for empty or unused slots), ``S'`` the slots up to the last one these rows use.
 
     Group sums are read from the dyadic tables; then the chunks of selected blocks that fall
     inside a group are subtracted from it. O(B·Hkv·rows·S·(D + Dv)).
@@ -301,13 +302,17 @@ def pseudo_keys(
     a1 = groups.level.shape[0] if a1 is None else a1
     B, Hkv, nc, D = sums.kk.shape
     Dv = sums.vv.shape[-1]
-    index = sums.offsets[groups.level[a0:a1]] + groups.unit[a0:a1]  # (rows, S)
-    rows, S = index.shape
-    flat = index.reshape(-1)
+    # Slots past the last one any of these rows uses are dropped (early rows use few levels);
+    # unused slots before it read the tables' last row, which is all zeros.
     valid = groups.valid[a0:a1]
-    ksum = (sums.tk[:, :, flat].view(B, Hkv, rows, S, D) * valid[..., None]).reshape(-1, D)
-    vsum = (sums.tv[:, :, flat].view(B, Hkv, rows, S, Dv) * valid[..., None]).reshape(-1, Dv)
-    counts = (sums.tc[:, flat].view(B, 1, rows, S) * valid).expand(B, Hkv, rows, S).reshape(-1)
+    used = valid.any(0).nonzero()
+    S = int(used.max()) + 1 if used.numel() else 1
+    index = torch.where(valid[:, :S], sums.offsets[groups.level[a0:a1, :S]] + groups.unit[a0:a1, :S], -1)
+    rows = index.shape[0]
+    flat = index.reshape(-1)
+    ksum = sums.tk[:, :, flat].reshape(-1, D)
+    vsum = sums.tv[:, :, flat].reshape(-1, Dv)
+    counts = sums.tc[:, flat].view(B, 1, rows, S).expand(B, Hkv, rows, S).reshape(-1)
     # Remove the selected blocks' chunks from the groups they fall in.
     cpb = block_size // groups.chunk
     b, h, a, blk = block_mask[:, :, a0:a1].nonzero(as_tuple=True)
@@ -320,8 +325,9 @@ def pseudo_keys(
         ok = slot >= 0
         b, h, a, c, slot = b[ok], h[ok], a[ok], c[ok], slot[ok]
         target = ((b * Hkv + h) * rows + a) * S + slot
-        ksum = ksum.index_add(0, target, sums.kk[b, h, c], alpha=-1)
-        vsum = vsum.index_add(0, target, sums.vv[b, h, c], alpha=-1)
+        # In place on the freshly gathered sums (autograd allows it: they are no leaf or view).
+        ksum.index_add_(0, target, sums.kk[b, h, c], alpha=-1)
+        vsum.index_add_(0, target, sums.vv[b, h, c], alpha=-1)
         counts = counts.index_add(0, target, sums.cc[b, c], alpha=-1)
     return ksum.view(B, Hkv, rows, S, D), vsum.view(B, Hkv, rows, S, Dv), counts.view(B, Hkv, rows, S)
 
@@ -334,11 +340,26 @@ def _compressed_rows(q, ksum, vsum, counts, scale):
     s = torch.baddbmm(
         torch.where(live, n.log(), float("-inf"))[:, None, :], q, kbar.transpose(1, 2), alpha=scale
     )  # (n, T, S)
-    # Rows without a pseudo-key: logsumexp of zeros instead of all −inf, whose backward is NaN.
-    seen = live.any(-1)[:, None].expand(s.shape[:2])
-    lse = torch.logsumexp(s.masked_fill(~seen[..., None], 0.0), dim=-1)
-    p = torch.exp(s - lse[..., None]) * seen[..., None]
-    return torch.bmm(p, vbar), lse.masked_fill(~seen, float("-inf"))
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, ksum, vsum)):
+        # In place, as tile_attention: lse = max s − log(max p) (max p ≥ 1/S, well conditioned).
+        top = s.amax(-1)
+        torch.softmax(s, dim=-1, out=s)
+        out, lse = torch.bmm(s, vbar), top - s.amax(-1).log()
+        seen = live.any(-1)[:, None]
+        if not bool(seen.all()):  # rows without any pseudo-key gave NaN: zeros and −inf
+            out.masked_fill_(~seen[..., None], 0.0)
+            lse.masked_fill_(~seen, float("-inf"))
+        return out, lse
+    # Unnormalised: p = exp(s − max), out = p·v / Σp, lse = max + log Σp. A row without any
+    # pseudo-key has max −inf: shifted by 0 instead, its p is 0 (no NaN forward or backward).
+    top = s.amax(-1, keepdim=True).detach()
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    p = torch.exp(s - top)
+    total = p.sum(-1, keepdim=True)
+    seen = total > 0
+    safe = torch.where(seen, total, 1.0)
+    out = torch.bmm(p, vbar) / safe
+    return out, torch.where(seen, top + safe.log(), float("-inf")).squeeze(-1)
 
 
 def _compressed_chunk(qc, kk, vv, cc, tk, tv, tc, offsets, *, block_mask, groups, block_size, a0, a1, scale):
@@ -379,7 +400,7 @@ def compressed_part(
     nqb, S = groups.level.shape
     sums = chunk_sums(k, v, key_padding_mask, groups)
     work = sums.kk.dtype
-    qp = F.pad(q.to(work), (0, 0, 0, nqb * bs - nq))
+    qp = q.to(work) if nq == nqb * bs else F.pad(q.to(work), (0, 0, 0, nqb * bs - nq))
     # Rows (b, kv head, query block) each hold the G·bs queries of that block and kv head.
     qr = qp.view(B, Hkv, G, nqb, bs, D).permute(0, 1, 3, 2, 4, 5).reshape(B, Hkv, nqb, G * bs, D)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
