@@ -118,7 +118,7 @@ def _kw(bs, causal, kpm, params):
 
 
 def _group_args(bs, params):
-    near = params.get("remainder_near", 32)
+    near = params.get("remainder_near", 8)
     return dict(L=params.get("local_blocks", 1), r=params.get("remainder_block") or bs, near=near)
 
 

@@ -407,10 +407,12 @@ def block_attention(
     # Elements per key block of one row: its k and v tiles (all kv heads when shared) and, with
     # bmm, its (bs, bs) score tiles (all query heads); the budget bounds the largest of them.
     tile_dim = max(D, Dv, bs if plan.bmm else 0)
+    # Per (batch, kv head) rows count all three, k, v and score tiles: their groups were
+    # measured ~12 % faster kept that small (a selection's rows reuse few tiles; see docs/adaptive.md).
     per_block = {
         "shared": B * bs * tile_dim * max(H, Hkv),
         "head": B * bs * tile_dim,
-        "batch_kv": bs * max(D, Dv, (H // Hkv) * bs if plan.bmm else 0),
+        "batch_kv": bs * (D + Dv + ((H // Hkv) * bs if plan.bmm else 0)),
     }[rows]
     groups = list(
         _groups(

@@ -336,11 +336,15 @@ def _compressed_rows(q, ksum, vsum, counts, scale):
     """Softmax of query rows ``q (n, T, D)`` over their pseudo-keys ``(n, S, ·)``: ``(out, lse)``."""
     live = counts > 0.5
     n = counts.clamp_min(1.0)
-    kbar, vbar = ksum / n[..., None], vsum / n[..., None]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, ksum, vsum))
+    if grad:
+        kbar, vbar = ksum / n[..., None], vsum / n[..., None]
+    else:  # in place: fresh multi-MB buffers cost a page fault per page on some VMs
+        kbar, vbar = ksum.div_(n[..., None]), vsum.div_(n[..., None])
     s = torch.baddbmm(
         torch.where(live, n.log(), float("-inf"))[:, None, :], q, kbar.transpose(1, 2), alpha=scale
     )  # (n, T, S)
-    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, ksum, vsum)):
+    if not grad:
         # In place, as tile_attention: lse = max s − log(max p) (max p ≥ 1/S, well conditioned).
         top = s.amax(-1)
         torch.softmax(s, dim=-1, out=s)
@@ -416,7 +420,9 @@ def compressed_part(
             part = _compressed_chunk(qr[:, :, a0:a1], *tensors, **kw)
         outs.append(part[0])
         lses.append(part[1])
-    out, lse = torch.cat(outs, 2), torch.cat(lses, 2)  # (B, Hkv, nqb, G·bs, ·)
+    out, lse = (
+        (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs, 2), torch.cat(lses, 2))
+    )  # (B, Hkv, nqb, G·bs, ·)
     out = out.view(B, Hkv, nqb, G, bs, Dv).permute(0, 1, 3, 2, 4, 5).reshape(B, H, nqb * bs, Dv)[:, :, :nq]
     lse = lse.view(B, Hkv, nqb, G, bs).permute(0, 1, 3, 2, 4).reshape(B, H, nqb * bs)[:, :, :nq]
     return out, lse
@@ -567,7 +573,7 @@ def hybrid_params() -> dict[str, Param]:
         ),
         remainder_near=Param(
             "remainder_near",
-            32,
+            8,
             "finest pseudo-keys on each side before they double in size (and again every remainder_near); "
             "None: no coarsening (quadratic compressed part)",
             _none_or_positive,
