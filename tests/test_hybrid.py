@@ -266,3 +266,20 @@ def test_bad_parameters_name_what_is_accepted(params, match):
         sla.attention(q, k, v, "hybrid", **params)
     with pytest.raises(ParameterError, match=match):
         sla.selection(q, k, "hybrid", **params)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_chunked_compressed_part_equals_one_chunk(monkeypatch, grad):
+    # Many chunks of query blocks (each building its own pseudo-keys) give what one chunk gives.
+    q, k, v = (t.requires_grad_(grad) for t in rand(2, 4, 2, 45, 45, dtype=F64, seed=6))
+    kw = dict(causal=True, block_size=4, density=0.3, remainder_block=2, remainder_near=2, backend="torch")
+    whole = sla.attention(q, k, v, "hybrid", **kw)
+    monkeypatch.setattr(hy, "COMPRESSED_ELEMENTS", 1)  # one query block per chunk
+    chunked = sla.attention(q, k, v, "hybrid", **kw)
+    torch.testing.assert_close(chunked, whole, atol=1e-12, rtol=0)
+    if grad:
+        g = torch.randn(whole.shape, dtype=F64, generator=torch.Generator().manual_seed(1))
+        a = torch.autograd.grad(whole, (q, k, v), g)
+        b = torch.autograd.grad(chunked, (q, k, v), g)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, atol=1e-12, rtol=0)

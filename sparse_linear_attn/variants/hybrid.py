@@ -410,19 +410,26 @@ def compressed_part(
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     step = max(1, COMPRESSED_ELEMENTS // max(1, B * Hkv * S * max(D, Dv, G * bs)))
     tensors = (sums.kk, sums.vv, sums.cc, sums.tk, sums.tv, sums.tc, sums.offsets)
+    starts = range(0, nqb, step)
+    into = not grad and len(starts) > 1  # chunks written into one output, not concatenated
+    if into:
+        out, lse = qr.new_empty(B, Hkv, nqb, G * bs, Dv), qr.new_empty(B, Hkv, nqb, G * bs)
     outs, lses = [], []
-    for a0 in range(0, nqb, step):
+    for a0 in starts:
         a1 = min(nqb, a0 + step)
         kw = dict(block_mask=block_mask, groups=groups, block_size=bs, a0=a0, a1=a1, scale=scale)
         if grad:
             part = checkpoint(_compressed_chunk, qr[:, :, a0:a1], *tensors, use_reentrant=False, **kw)
         else:
             part = _compressed_chunk(qr[:, :, a0:a1], *tensors, **kw)
-        outs.append(part[0])
-        lses.append(part[1])
-    out, lse = (
-        (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs, 2), torch.cat(lses, 2))
-    )  # (B, Hkv, nqb, G·bs, ·)
+        if into:
+            out[:, :, a0:a1], lse[:, :, a0:a1] = part
+        else:
+            outs.append(part[0])
+            lses.append(part[1])
+    if not into:
+        out, lse = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs, 2), torch.cat(lses, 2))
+    # (B, Hkv, nqb, G·bs, ·) -> (B, H, Nq, ·)
     out = out.view(B, Hkv, nqb, G, bs, Dv).permute(0, 1, 3, 2, 4, 5).reshape(B, H, nqb * bs, Dv)[:, :, :nq]
     lse = lse.view(B, Hkv, nqb, G, bs).permute(0, 1, 3, 2, 4).reshape(B, H, nqb * bs)[:, :, :nq]
     return out, lse
@@ -552,7 +559,11 @@ def hybrid_torch(
     full = dict(params, remainder_block=remainder_block, remainder_near=remainder_near)
     groups = _groups_for(q.shape[2], k.shape[2], full, causal, q.device)
     out_rest, lse_rest = compressed_part(q, k, v, key_padding_mask, sel.block_mask, groups, scale=scale, block_size=bs)
-    out, _ = merge_partials(out_exact.to(out_rest.dtype), lse_exact, out_rest, lse_rest)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    out_exact = out_exact.to(out_rest.dtype)
+    # Without autograd, merged in place: no third output-sized buffer.
+    inplace = not grad and out_exact.is_contiguous() and out_rest.is_contiguous()
+    out, _ = merge_partials(out_exact, lse_exact, out_rest, lse_rest, inplace=inplace)
     return out.to(q.dtype), None
 
 
