@@ -1,4 +1,5 @@
-"""The public calls: ``attention``, ``build`` and ``dense_mask``.
+"""The public calls: ``attention``, ``build`` and ``dense_mask`` (``make_cache`` lives in
+:mod:`sparse_linear_attn.decoding`).
 
 Both ``attention`` and :class:`AttentionModule` hand a call to
 :mod:`sparse_linear_attn.backends.dispatch` (``prepare`` checks it once, ``run`` picks the backend
@@ -7,6 +8,7 @@ and runs the variant); nothing here knows about any one backend or variant.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping
 from typing import Any, Literal, overload
@@ -17,7 +19,9 @@ from torch import nn
 from . import registry
 from .backends import dispatch
 from .config import AttentionConfig, to_config
-from .inputs import full_visibility
+from .decoding import Cache, make_cache
+from .errors import CacheError
+from .inputs import check_flag, full_visibility
 
 
 @overload
@@ -32,6 +36,8 @@ def attention(
     scale: float | None = ...,
     return_weights: Literal[False] = ...,
     backend: str = ...,
+    dropout_p: float = ...,
+    cache: Cache | None = ...,
     **params: Any,
 ) -> torch.Tensor: ...
 @overload
@@ -46,6 +52,8 @@ def attention(
     scale: float | None = ...,
     return_weights: Literal[True],
     backend: str = ...,
+    dropout_p: float = ...,
+    cache: Cache | None = ...,
     **params: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 def attention(
@@ -59,6 +67,8 @@ def attention(
     scale: float | None = None,
     return_weights: bool = False,
     backend: str = "auto",
+    dropout_p: float = 0.0,
+    cache: Cache | None = None,
     **params: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over ``k``/``v`` with the named variant.
@@ -76,6 +86,16 @@ def attention(
         return_weights: also return the ``(B, H, Nq, Nk)`` attention matrix — O(Nq·Nk) memory,
             meant for inspection.
         backend: ``"auto"`` or a backend name (see ``sla.backends.BACKENDS``).
+        dropout_p: attention dropout, as in ``F.scaled_dot_product_attention``: each softmax
+            weight is dropped with this probability and the rest scaled by ``1/(1 − p)``, on
+            every call (modules apply it in training only). Variants with
+            ``sla.describe(variant).dropout``; the mask is a hash of the position and a seed
+            drawn from torch's generator, so ``torch.manual_seed`` reproduces it.
+        cache: an ``sla.Cache`` from ``sla.make_cache`` for incremental decoding: q, k, v then
+            hold only the new tokens (any number), which follow the ``cache.seq_len`` cached
+            ones; the cache is updated in place and the output is the matching rows of the
+            one-shot causal call over the whole sequence. Needs ``causal=True``; a
+            ``key_padding_mask`` covers the new keys and is kept for later steps.
         **params: the variant's own parameters (``sla.describe(variant).params``).
 
     Returns:
@@ -94,7 +114,7 @@ def attention(
         module = module.to(q.device)
     prepared = dispatch.prepare(
         spec, q, k, v, params=resolved, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-        return_weights=return_weights, backend=backend,
+        return_weights=return_weights, backend=backend, dropout_p=dropout_p, cache=cache,
     )  # fmt: skip
     return dispatch.run(prepared, q, k, v, module=module)
 
@@ -102,17 +122,24 @@ def attention(
 class AttentionModule(nn.Module):
     """An attention variant as an ``nn.Module`` (what ``sla.build`` returns).
 
-    ``forward(q, k, v, *, key_padding_mask=None, return_weights=False, causal=None)`` behaves as
-    ``sla.attention(q, k, v, **config)``; ``causal=None`` uses the config's. Variants with
-    learned parameters hold them in ``self.impl``.
+    ``forward(q, k, v, *, key_padding_mask=None, return_weights=False, causal=None,
+    dropout_p=None, cache=None)`` behaves as ``sla.attention(q, k, v, **config)``; ``causal=None``
+    uses the config's, ``dropout_p=None`` the config's ``dropout`` in training and 0 in eval (as
+    FlashAttention's modules do). Variants with learned parameters hold them in ``self.impl``.
+    :meth:`make_cache` makes a decoding cache for ``forward(..., cache=cache)``.
     """
 
     def __init__(self, config: AttentionConfig):
         super().__init__()
-        self.config = config
+        # A copy: the caller may keep and change its config; this module must not change with it.
+        self.config = copy.deepcopy(config)
+        config = self.config
         self.spec = registry.get(config.variant)
         self.params = self.spec.resolve_params(config.params)
         dispatch.check_backend(self.spec, config.backend)
+        dispatch.check_dropout(self.spec, config.dropout, "config 'dropout'")
+        if config.scale is not None:
+            self.spec.validate_scale(config.scale, self.params)
         self.impl = self.spec.module(**self.params) if self.spec.module is not None else None
 
     def scale_for(self, head_dim: int) -> float:
@@ -128,13 +155,41 @@ class AttentionModule(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         return_weights: bool = False,
         causal: bool | None = None,
+        dropout_p: float | None = None,
+        cache: Cache | None = None,
     ):
         c = self.config
+        if dropout_p is None:
+            dropout_p = c.dropout if self.training else 0.0
         prepared = dispatch.prepare(
             self.spec, q, k, v, params=self.params, causal=c.causal if causal is None else causal,
             key_padding_mask=key_padding_mask, scale=c.scale, return_weights=return_weights, backend=c.backend,
+            dropout_p=dropout_p, cache=cache,
         )  # fmt: skip
         return dispatch.run(prepared, q, k, v, module=self.impl)
+
+    def make_cache(
+        self,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        value_dim: int | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        max_len: int | None = None,
+    ) -> Cache:
+        """An empty decoding cache for this module's variant and parameters (see
+        ``sla.make_cache``); the module's config must be causal."""
+        if not self.config.causal:
+            raise CacheError(
+                f"a cache decodes causally, but this {self.config.variant!r} module was built with "
+                f"causal=False; build it with causal=True"
+            )
+        return make_cache(
+            AttentionConfig(self.config.variant, True, params=dict(self.params)), batch=batch, kv_heads=kv_heads,
+            head_dim=head_dim, value_dim=value_dim, dtype=dtype, device=device, max_len=max_len,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())
@@ -146,7 +201,8 @@ def build(config: AttentionConfig | Mapping[str, Any] | str | os.PathLike) -> At
     ``config`` is a flat mapping such as ``{"variant": "sliding_window", "window": 256,
     "causal": True}`` (keys ``variant``, ``causal``, ``scale``, ``backend`` plus the variant's
     parameters), an :class:`AttentionConfig`, or a path to a ``.json``/``.yaml``/``.yml``/
-    ``.toml`` file holding that mapping. Everything is validated here, before any forward.
+    ``.toml`` file holding that mapping. Everything is validated here, before any forward. The
+    module keeps its own copy of the config: changing the caller's afterwards changes nothing.
     """
     return AttentionModule(to_config(config))
 
@@ -157,6 +213,7 @@ def dense_mask(variant: str, nq: int, nk: int, *, causal: bool = False, **params
     True where query ``i`` may attend to key ``j``. O(nq·nk): for inspection, tests and plots.
     """
     spec = registry.get(variant)
+    causal = check_flag("causal", causal)
     for name, n in (("nq", nq), ("nk", nk)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"{name} must be a positive int, got {n!r}")

@@ -22,6 +22,11 @@ class ShapeError(ValueError):
     """Tensors whose ranks, shapes, dtypes or devices do not fit together."""
 
 
+class CacheError(ValueError):
+    """A call that does not fit the decoding cache it was given: another variant or other
+    parameters, other shapes, dtype or device, or a step past the cache's ``max_len``."""
+
+
 class BackendUnavailableError(ValueError):
     """No backend (or not the requested one) can run this call; the message says why."""
 

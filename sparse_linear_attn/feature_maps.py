@@ -11,7 +11,9 @@ Linear attention replaces ``exp(q·k·scale)`` by ``φ(q)·φ(k)`` with ``φ: R^
 
 A map is a :class:`FeatureMap`: ``prepare`` sees the whole key tensor once (FAVOR+ draws its
 projection there and finds its key stabiliser), then ``__call__`` maps any slice of q or k
-row by row, so the attention code can apply it chunk by chunk. Users add their own with
+row by row, so the attention code can apply it chunk by chunk. ``extend`` continues a causal
+stream chunk by chunk (decoding): FAVOR+'s stabiliser becomes a running max, and the sums over
+earlier keys are rescaled whenever it grows. Users add their own with
 :func:`register_feature_map`; unknown names get the closest registered ones in the error.
 """
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -42,6 +44,9 @@ class FeatureContext:
     # FAVOR+: one max over all keys of each head, (B, Hkv, 1, 1); a caller that lays keys out
     # differently reshapes it to broadcast against its key rows.
     key_shift: torch.Tensor | None = None
+    # FAVOR+: the same max before heads that saw no key are given 0 (−inf there), so that
+    # ``extend`` can tell "no key yet" from a max of 0.
+    key_max: torch.Tensor | None = None
 
 
 class FeatureMap:
@@ -70,8 +75,26 @@ class FeatureMap:
     ) -> FeatureContext:
         return FeatureContext(scale=scale)
 
+    def extend(
+        self, ctx: FeatureContext, k: torch.Tensor, *, key_padding_mask: torch.Tensor | None
+    ) -> tuple[FeatureContext, torch.Tensor | None]:
+        """Continue a causal stream: the context for mapping the further keys ``k`` (and the
+        queries that come with them), given ``ctx``, the context of the keys before them.
+
+        Returns ``(ctx, factor)``: sums of key features built under the old context must be
+        multiplied by ``factor`` (``(B, Hkv, 1, 1)``; ``None``: unchanged) to match the new one.
+        A stream started with ``prepare`` over no keys and extended chunk by chunk then gives
+        the outputs of one ``prepare`` over all its keys. Maps without a key-dependent context
+        return ``ctx`` unchanged.
+        """
+        return ctx, None
+
     def __call__(self, x: torch.Tensor, ctx: FeatureContext, *, is_query: bool) -> torch.Tensor:
         raise NotImplementedError
+
+    def check_scale(self, scale: float) -> str | None:
+        """What is wrong with this attention ``scale`` for the map (``None``: it can use it)."""
+        return None
 
     def apply_(self, x: torch.Tensor, ctx: FeatureContext, *, is_query: bool) -> torch.Tensor:
         """Like ``__call__`` but free to overwrite ``x`` (a scratch buffer the caller owns).
@@ -108,12 +131,21 @@ class ReluMap(FeatureMap):
         return x.clamp_min_(0.0)
 
 
+def _needs_root(name: str, scale: float) -> str | None:
+    if scale < 0:
+        return f"feature map {name!r} maps x·scale^½, so it needs scale >= 0 (it estimates exp(q·k·scale))"
+    return None
+
+
 class TaylorMap(FeatureMap):
     name = "taylor"
     doc = "[1, x, vec(x⊗x)/√2] on x·scale^½ so φ(q)·φ(k) = 1 + s + s²/2 (Based); M = 1 + D + D²"
 
     def dim(self, head_dim, num_features):
         return 1 + head_dim + head_dim * head_dim
+
+    def check_scale(self, scale):
+        return _needs_root(self.name, scale)
 
     def __call__(self, x, ctx, *, is_query):
         x = x * math.sqrt(ctx.scale)
@@ -155,24 +187,25 @@ class FavorMap(FeatureMap):
     def dim(self, head_dim, num_features):
         return num_features
 
+    def check_scale(self, scale):
+        return _needs_root(self.name, scale)
+
     def prepare(self, k, *, scale, num_features, seed, key_padding_mask, work_dtype):
         w = _projection_cached(k.shape[-1], num_features, seed).to(device=k.device, dtype=work_dtype)
-        ctx = FeatureContext(scale=scale, projection=w)
         # One max over every (unpadded) key and feature of a head: a common factor exp(-m) of
         # all keys cancels between numerator and denominator, unlike a per-key shift.
-        root = math.sqrt(scale)
-        B, Hkv, Nk, _ = k.shape
-        shift = torch.full((B, Hkv), float("-inf"), device=k.device, dtype=work_dtype)
-        with torch.no_grad():
-            for s in range(0, Nk, _KEY_BLOCK):
-                e = min(Nk, s + _KEY_BLOCK)
-                x = k[:, :, s:e].to(work_dtype) * root
-                logits = x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)
-                if key_padding_mask is not None:
-                    logits = logits.masked_fill(key_padding_mask[:, None, s:e, None], float("-inf"))
-                shift = torch.maximum(shift, logits.amax(dim=(-2, -1)))
-        ctx.key_shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))[:, :, None, None]
-        return ctx
+        key_max = _key_logit_max(k, w, scale, key_padding_mask)
+        return FeatureContext(scale=scale, projection=w, key_shift=_finite(key_max), key_max=key_max)
+
+    def extend(self, ctx, k, *, key_padding_mask):
+        # A running max: the common factor of the keys so far, exp(−old), becomes exp(−new);
+        # the factor is ≤ 1 (the max only grows), so rescaled sums never overflow.
+        old = ctx.key_max
+        new = torch.maximum(old, _key_logit_max(k, ctx.projection, ctx.scale, key_padding_mask))
+        shift = _finite(new)
+        # Before the first key the sums are zero: factor 0, not exp(0 − shift) (which could overflow).
+        factor = torch.where(torch.isfinite(old), torch.exp(ctx.key_shift - shift), torch.zeros_like(shift))
+        return replace(ctx, key_shift=shift, key_max=new), factor
 
     def __call__(self, x, ctx, *, is_query):
         w = ctx.projection
@@ -184,6 +217,29 @@ class FavorMap(FeatureMap):
         else:
             logits = logits - ctx.key_shift
         return torch.exp(logits) * (1.0 / math.sqrt(w.shape[0]))
+
+
+def _key_logit_max(k: torch.Tensor, w: torch.Tensor, scale: float, key_padding_mask) -> torch.Tensor:
+    """FAVOR+'s largest key logit ``max_{j,m} (W x_j)_m − ‖x_j‖²/2`` (``x = k·scale^½``) of each
+    head over its unpadded keys: ``(B, Hkv, 1, 1)``, ``−inf`` for a head with no key. Keys are
+    projected ``_KEY_BLOCK`` positions at a time, so memory stays O(block·M)."""
+    root = math.sqrt(scale)
+    B, Hkv, Nk, _ = k.shape
+    shift = torch.full((B, Hkv), float("-inf"), device=k.device, dtype=w.dtype)
+    with torch.no_grad():
+        for s in range(0, Nk, _KEY_BLOCK):
+            e = min(Nk, s + _KEY_BLOCK)
+            x = k[:, :, s:e].to(w.dtype) * root
+            logits = x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)
+            if key_padding_mask is not None:
+                logits = logits.masked_fill(key_padding_mask[:, None, s:e, None], float("-inf"))
+            shift = torch.maximum(shift, logits.amax(dim=(-2, -1)))
+    return shift[:, :, None, None]
+
+
+def _finite(key_max: torch.Tensor) -> torch.Tensor:
+    # A head that saw no key has nothing to stabilise: shift 0.
+    return torch.where(torch.isfinite(key_max), key_max, torch.zeros_like(key_max))
 
 
 class _FunctionMap(FeatureMap):

@@ -37,6 +37,15 @@ def check_scale(value: Any, name: str = "scale") -> float | None:
     return float(value)
 
 
+def check_probability(name: str, value: Any) -> float:
+    """``value`` as a float if it is a number in ``[0, 1)`` (a dropout probability), else a clear error."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ParameterError(f"{name} must be a number in [0, 1), got {value!r} ({type(value).__name__})")
+    if not 0.0 <= value < 1.0:  # NaN fails too
+        raise ParameterError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class Call:
     """What the dispatcher needs to know about one attention call."""
@@ -54,6 +63,7 @@ class Call:
     key_padding: bool
     return_weights: bool
     requires_grad: bool
+    dropout: bool = False  # attention dropout on (dropout_p > 0)
 
     @property
     def cross(self) -> bool:
@@ -90,6 +100,8 @@ def check_inputs(
         raise ShapeError(f"query heads {H} are not a multiple of key/value heads {Hkv}: {got}; {expected}")
     if Dk != D:
         raise ShapeError(f"q and k head_dim differ: {got}; {expected}")
+    if D == 0:
+        raise ShapeError(f"q and k need a head_dim of at least 1 (their dot product is the score): {got}")
     if Nv != Nk:
         raise ShapeError(f"k and v sequence lengths differ: {got}; {expected}")
     if key_padding_mask is not None:
@@ -109,7 +121,7 @@ def check_inputs(
             raise ShapeError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
 
 
-def make_call(q, k, v, *, causal: bool, key_padding_mask, return_weights: bool) -> Call:
+def make_call(q, k, v, *, causal: bool, key_padding_mask, return_weights: bool, dropout: bool = False) -> Call:
     return Call(
         device=q.device.type,
         dtype=q.dtype,
@@ -124,6 +136,7 @@ def make_call(q, k, v, *, causal: bool, key_padding_mask, return_weights: bool) 
         key_padding=key_padding_mask is not None,
         return_weights=bool(return_weights),
         requires_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+        dropout=dropout,
     )
 
 

@@ -12,13 +12,16 @@ sits at key block ``a + Nk_blocks − Nq_blocks``.
 * ``longformer``: ``local`` plus ``num_global_blocks`` global blocks at the start, which see
   and are seen by every block;
 * ``bigbird``: ``longformer`` plus ``num_random_blocks`` random key blocks per query block,
-  drawn from ``seed`` (deterministic; with ``causal=True`` drawn among past blocks).
+  drawn from ``seed`` (deterministic; with ``causal=True`` drawn among past blocks, each query
+  block from a generator of its own, so that its row does not depend on the sequence length).
 
-Cost O(Nq_blocks·Nk_blocks) per layout, cached.
+Every rule is a function of (query block, key block) — :func:`pattern_rule` — so that decoding
+can build one row at a time. Cost O(Nq_blocks·Nk_blocks) per layout, cached.
 """
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 
 import torch
@@ -62,9 +65,6 @@ def shared_pattern_layout(
     """:func:`pattern_layout` without the copy: the cached tensor itself, never to be modified."""
     if not isinstance(pattern, str) or pattern not in PATTERNS:
         raise UnknownNameError(unknown_name_message("block_sparse pattern", str(pattern), PATTERNS))
-    a = torch.arange(nq_blocks)[:, None] + (nk_blocks - nq_blocks)  # aligned query block
-    b = torch.arange(nk_blocks)[None, :]
-    d = a - b  # > 0: key block in the past
 
     def need(name: str, value: int, limit: int, what: str) -> None:
         if value > limit:
@@ -73,11 +73,8 @@ def shared_pattern_layout(
                 f"has {nk_blocks} key block(s) of block_size; accepted: {name} <= {limit} ({what})."
             )
 
-    if pattern == "local":
-        return d.abs() < num_local_blocks
     if pattern == "strided":
         need("stride", stride, nk_blocks, "the number of key blocks")
-        return (d.abs() < stride) | (d % stride == 0)
     if pattern == "fixed":
         need("num_local_blocks", num_local_blocks, nk_blocks, "the number of key blocks")
         if num_global_blocks > num_local_blocks:
@@ -85,19 +82,77 @@ def shared_pattern_layout(
                 f"block_sparse pattern 'fixed': num_global_blocks={num_global_blocks} must be <= "
                 f"num_local_blocks={num_local_blocks} (summary blocks are the last ones of each chunk)."
             )
+    if pattern in ("longformer", "bigbird"):
+        need("num_global_blocks", num_global_blocks, nk_blocks, "the number of key blocks")
+    if pattern == "bigbird":
+        need("num_random_blocks", num_random_blocks, nk_blocks, "the number of key blocks")
+    return pattern_rule(
+        pattern,
+        torch.arange(nq_blocks) + (nk_blocks - nq_blocks),  # aligned query blocks
+        nk_blocks,
+        causal=causal,
+        num_local_blocks=num_local_blocks,
+        num_global_blocks=num_global_blocks,
+        num_random_blocks=num_random_blocks,
+        stride=stride,
+        seed=seed,
+    )
+
+
+def pattern_rule(
+    pattern: str,
+    query_blocks: torch.Tensor,
+    nk_blocks: int,
+    *,
+    causal: bool = False,
+    num_local_blocks: int = 3,
+    num_global_blocks: int = 1,
+    num_random_blocks: int = 2,
+    stride: int = 4,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Rows of a named pattern: bool ``(len(query_blocks), nk_blocks)``, True where (aligned)
+    query block ``a`` sees key block ``b``.
+
+    With ``causal`` each row depends on ``a`` and ``b`` only, never on the number of blocks
+    (non-causal bigbird draws its random blocks among all ``nk_blocks``), so a decoding cache
+    can ask for the row of one new query block and get the row of the one-shot call's layout.
+    No check that the parameters fit the sequence: :func:`pattern_layout` does those.
+    """
+    if not isinstance(pattern, str) or pattern not in PATTERNS:
+        raise UnknownNameError(unknown_name_message("block_sparse pattern", str(pattern), PATTERNS))
+    a = query_blocks[:, None]
+    b = torch.arange(nk_blocks)[None, :]
+    d = a - b  # > 0: key block in the past
+    if pattern == "local":
+        return d.abs() < num_local_blocks
+    if pattern == "strided":
+        return (d.abs() < stride) | (d % stride == 0)
+    if pattern == "fixed":
         same_chunk = torch.div(a, num_local_blocks, rounding_mode="floor") == b // num_local_blocks
         summary = (b % num_local_blocks) >= num_local_blocks - num_global_blocks
         return same_chunk | summary
-    need("num_global_blocks", num_global_blocks, nk_blocks, "the number of key blocks")
-    if pattern == "bigbird":
-        need("num_random_blocks", num_random_blocks, nk_blocks, "the number of key blocks")
     layout = (d.abs() < num_local_blocks) | (b < num_global_blocks) | (a < num_global_blocks)
-    if pattern == "bigbird":
+    if pattern == "bigbird" and num_random_blocks > 0:
         # Random blocks come from those not already visible (and, causal, not in the future):
-        # the num_random_blocks highest of a seeded uniform draw over the allowed ones.
-        gen = torch.Generator().manual_seed(seed)
+        # the num_random_blocks highest of a seeded uniform draw over the allowed ones. Causal
+        # rows draw from a generator of their own (seeded by seed and the row), over blocks
+        # 0..a only, so that a row is the same whatever the sequence length.
+        if causal:
+            score = torch.full(layout.shape, -1.0)
+            for r, row in enumerate(query_blocks.tolist()):
+                if row >= 0:
+                    m = min(row + 1, nk_blocks)
+                    score[r, :m] = torch.rand(m, generator=_row_generator(seed, row))
+        else:
+            score = torch.rand(layout.shape, generator=torch.Generator().manual_seed(seed))
         allowed = ~layout & ((b <= a) if causal else torch.ones_like(layout))
-        score = torch.rand(nq_blocks, nk_blocks, generator=gen).masked_fill(~allowed, -1.0)
+        score = score.masked_fill(~allowed, -1.0)
         top, idx = score.topk(min(num_random_blocks, nk_blocks), dim=-1)
         layout = layout.scatter(1, idx, top >= 0) | layout
     return layout
+
+
+def _row_generator(seed: int, row: int) -> torch.Generator:
+    digest = hashlib.blake2b(f"{seed}:{row}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,6 +30,8 @@ class Param:
     """One variant parameter: its default, its meaning, and a check of its value.
 
     ``check(value) -> str | None`` returns a description of what is wrong (``None`` when valid).
+    Checks are module-level callables (such as :class:`IntRange`, :class:`OneOf`), so that specs,
+    built modules and the layers holding them pickle (``torch.save``, spawned workers).
     """
 
     name: str
@@ -37,6 +40,9 @@ class Param:
     check: Callable[[Any], str | None] | None = None
 
     def validate(self, value: Any) -> Any:
+        # Values read through numpy (np.int64, np.float32, np.bool_) count as the Python scalar.
+        if isinstance(value, np.generic):
+            value = value.item()
         if self.check is not None:
             problem = self.check(value)
             if problem:
@@ -44,33 +50,76 @@ class Param:
         return value
 
 
-def int_at_least(low: int) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        if isinstance(value, bool) or not isinstance(value, int):
-            return f"expected an int >= {low}, got {type(value).__name__}"
-        if value < low:
-            return f"expected an int >= {low}"
+@dataclass(frozen=True)
+class IntRange:
+    """Param check: an int (not a bool) with ``low <= value`` (and ``value <= high`` when given)."""
+
+    low: int
+    high: int | None = None
+
+    def __call__(self, value: Any) -> str | None:
+        expected = f"an int >= {self.low}" if self.high is None else f"an int in [{self.low}, {self.high}]"
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            return f"expected {expected}, got {type(value).__name__}"
+        if value < self.low or (self.high is not None and value > self.high):
+            return f"expected {expected}"
         return None
 
-    return check
+    def __repr__(self) -> str:
+        return f"int_at_least({self.low})" if self.high is None else f"int_in_range({self.low}, {self.high})"
 
 
-def one_of(*choices: Any) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        return None if value in choices else f"expected one of {', '.join(map(repr, choices))}"
+def int_at_least(low: int) -> IntRange:
+    """Check: an int ``>= low``."""
+    return IntRange(low)
 
-    return check
+
+def int_in_range(low: int, high: int) -> IntRange:
+    """Check: an int in ``[low, high]``."""
+    return IntRange(low, high)
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """Param check: one of ``choices``."""
+
+    choices: tuple[Any, ...]
+
+    def __call__(self, value: Any) -> str | None:
+        return None if value in self.choices else f"expected one of {', '.join(map(repr, self.choices))}"
+
+    def __repr__(self) -> str:
+        return f"one_of({', '.join(map(repr, self.choices))})"
+
+
+def one_of(*choices: Any) -> OneOf:
+    """Check: one of ``choices``."""
+    return OneOf(choices)
+
+
+def is_bool(value: Any) -> str | None:
+    """Check: ``True`` or ``False``."""
+    return None if isinstance(value, bool) else f"expected True or False, got {type(value).__name__}"
+
+
+#: Seeds go to ``torch.Generator.manual_seed``, which takes 64-bit values.
+SEED_RANGE = IntRange(0, 2**64 - 1)
 
 
 @dataclass(frozen=True)
 class Supports:
-    """What a variant can do. ``backends`` is filled from ``impls`` at registration."""
+    """What a variant can do. ``backends`` is filled from ``impls`` at registration.
+
+    ``dropout``: attention dropout (``dropout_p``) on its softmax weights; a variant opts in (and
+    gives its implementations that apply it ``Impl(dropout=True)``).
+    """
 
     causal: bool = True
     cross_attention: bool = True
     key_padding: bool = True
     weights: bool = True
     grouped_query: bool = True
+    dropout: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,12 +134,19 @@ class Impl:
     to the next backend (e.g. a compile that does not pay off at this size). ``call`` is an
     :class:`~sparse_linear_attn.inputs.Call`. While running, ``fn`` may raise
     :class:`~sparse_linear_attn.errors.CannotRun` to decline a call it turns out it cannot run.
+
+    ``dropout=True``: ``fn`` also takes ``dropout`` (``None`` or a
+    :class:`~sparse_linear_attn.backends.dropout.Dropout`) and applies it to its softmax weights;
+    other implementations never receive a call with dropout. ``double_backward=True`` promises
+    second-order gradients (``create_graph=True`` through its backward); fused kernels have none.
     """
 
     fn: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
     rules_out: Callable[[Any, Mapping[str, Any]], str | None] | None = None
     skip_in_auto: Callable[[Any, Mapping[str, Any]], str | None] | None = None
     grouped_query: bool = True
+    dropout: bool = False
+    double_backward: bool = False
 
 
 @dataclass
@@ -113,9 +169,17 @@ class VariantSpec:
     visible_keys: Callable[..., float] | None = None
     # Cross-parameter checks that need more than one value: (params) -> reason | None.
     check_params: Callable[[Mapping[str, Any]], str | None] | None = None
+    # Which values of ``scale`` the variant can run with: (scale, params) -> reason | None.
+    check_scale: Callable[[float, Mapping[str, Any]], str | None] | None = None
     # Parameter sets, sized for short test sequences (N ≈ 16–40), that the conformance suite
     # (sla.testing) runs besides the defaults: the settings that exercise the variant's pattern.
     examples: tuple[Mapping[str, Any], ...] = ()
+    # What users should know that the flags do not say (shown by sla.describe).
+    notes: tuple[str, ...] = ()
+    # The decoding cache family (a name in ``sla.decoding.FAMILIES``) that runs this variant token
+    # by token with ``sla.make_cache``; None: no incremental decoding. A name, not a class, so that
+    # variants never import the decoding package (it imports them).
+    cache_family: str | None = None
     # Data-dependent exact variants (the pattern is chosen from the inputs, so there is no
     # mask_fn): (q, k, *, causal, key_padding_mask, scale, **params) -> sla.Selection of what a
     # call with these inputs computes exactly. Its presence is what marks a variant as
@@ -136,13 +200,23 @@ class VariantSpec:
     def build_only(self) -> bool:
         return self.module is not None
 
-    def resolve_scale(self, scale: Any, head_dim: int) -> float:
+    def resolve_scale(self, scale: Any, head_dim: int, params: Mapping[str, Any] | None = None) -> float:
         """The ``scale`` a call runs with: the given finite number, else the variant's default
-        (``default_scale``, or ``1/√head_dim``)."""
+        (``default_scale``, or ``1/√head_dim``). With ``params`` (resolved), also checked against
+        what the variant accepts (:meth:`validate_scale`)."""
         checked = check_scale(scale)
-        if checked is not None:
-            return checked
-        return self.default_scale if self.default_scale is not None else 1.0 / math.sqrt(head_dim)
+        if checked is None:
+            checked = self.default_scale if self.default_scale is not None else 1.0 / math.sqrt(head_dim)
+        if params is not None:
+            self.validate_scale(checked, params)
+        return checked
+
+    def validate_scale(self, scale: float, params: Mapping[str, Any]) -> None:
+        """Raise if the variant cannot run with this ``scale`` (e.g. a feature map taking its root)."""
+        if self.check_scale is not None:
+            problem = self.check_scale(scale, params)
+            if problem:
+                raise ParameterError(f"variant {self.name!r} cannot run with scale={scale!r}: {problem}")
 
     def resolve_params(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Fill defaults, reject unknown names (listing the accepted ones), validate values."""
@@ -184,17 +258,33 @@ class VariantInfo:
     grouped_query: bool
     backends: tuple[str, ...]
     build_only: bool
+    dropout: bool = False
+    #: Backends whose backward is itself differentiable (second-order gradients, create_graph=True).
+    second_order: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         lines = [f"{self.name}: {self.summary}", f"  exact={self.exact}  cost={self.cost}"]
         flags = [
-            k for k in ("causal", "cross_attention", "key_padding", "weights", "grouped_query") if getattr(self, k)
+            k
+            for k in ("causal", "cross_attention", "key_padding", "weights", "grouped_query", "dropout")
+            if getattr(self, k)
         ]
         lines.append(f"  supports: {', '.join(flags)}; backends: {', '.join(self.backends)}")
         if self.build_only:
             lines.append(
                 "  nn.Module variant: use sla.build(config) (sla.attention runs it only without learned parameters)"
             )
+        without = [b for b in self.backends if b not in self.second_order]
+        if self.second_order and without:
+            lines.append(
+                f"  second-order gradients: backend={self.second_order[0]!r}"
+                + "".join(f" or {b!r}" for b in self.second_order[1:])
+                + f" ({', '.join(without)}: no double backward)"
+            )
+        elif without and not self.build_only:
+            lines.append("  second-order gradients: no backend promises them")
+        lines += [f"  note: {n}" for n in self.notes]
         for pname, (default, doc) in self.params.items():
             lines.append(f"  {pname}={default!r}: {doc}")
         return "\n".join(lines)
@@ -243,13 +333,16 @@ def describe(name: str) -> VariantInfo:
         grouped_query=s.grouped_query,
         backends=spec.backends,
         build_only=spec.build_only,
+        dropout=s.dropout,
+        second_order=tuple(b for b, impl in spec.impls.items() if impl.double_backward),
+        notes=spec.notes,
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # Registration of user variants.
 
-_STANDARD_ARGS = {"q", "k", "v", "causal", "key_padding_mask", "scale", "return_weights"}
+_STANDARD_ARGS = {"q", "k", "v", "causal", "key_padding_mask", "scale", "return_weights", "dropout_p"}
 
 
 def _params_from_signature(fn: Callable, skip_first: int) -> dict[str, Param]:
@@ -265,17 +358,24 @@ def _params_from_signature(fn: Callable, skip_first: int) -> dict[str, Param]:
     return out
 
 
-def _wrap_user_function(fn: Callable, accepts_weights: bool) -> Callable:
-    def run(q, k, v, *, causal, key_padding_mask, scale, return_weights, **params):
+@dataclass(frozen=True)
+class UserFunction:
+    """A user's variant function in the ``Impl.fn`` calling convention (a class, so that it pickles)."""
+
+    fn: Callable
+    accepts_weights: bool
+    accepts_dropout: bool = False
+
+    def __call__(self, q, k, v, *, causal, key_padding_mask, scale, return_weights, dropout=None, **params):
         kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale, **params)
-        if accepts_weights:
-            result = fn(q, k, v, return_weights=return_weights, **kwargs)
+        if self.accepts_dropout:
+            kwargs["dropout_p"] = 0.0 if dropout is None else dropout.p
+        if self.accepts_weights:
+            result = self.fn(q, k, v, return_weights=return_weights, **kwargs)
             if return_weights:
                 return result
             return result, None
-        return fn(q, k, v, **kwargs), None
-
-    return run
+        return self.fn(q, k, v, **kwargs), None
 
 
 def register_variant(
@@ -298,7 +398,9 @@ def register_variant(
 
     or an ``nn.Module`` subclass whose constructor takes the variant's parameters and whose
     ``forward(q, k, v, *, causal, key_padding_mask, scale)`` returns the output. Module variants
-    with learned parameters run through ``sla.build`` only.
+    with learned parameters run through ``sla.build`` only. A function (or ``forward``) with a
+    ``dropout_p`` keyword supports attention dropout: it receives the probability (0.0 when off)
+    and draws its mask from torch's generator, as ``F.scaled_dot_product_attention`` does.
 
     Parameters are read from the keyword arguments of the function (or the constructor), with
     their defaults; ``params`` may give ``{name: (default, meaning)}`` to document them. The
@@ -314,8 +416,13 @@ def register_variant(
         elif callable(obj):
             found = _params_from_signature(obj, skip_first=3)
             accepts_weights = "return_weights" in inspect.signature(obj).parameters
+            accepts_dropout = "dropout_p" in inspect.signature(obj).parameters
             module = None
-            impls = {"user": Impl(_wrap_user_function(obj, accepts_weights), grouped_query=False)}
+            impls = {
+                "user": Impl(
+                    UserFunction(obj, accepts_weights, accepts_dropout), grouped_query=False, dropout=accepts_dropout
+                )
+            }
         else:
             raise TypeError(f"register_variant expects a function or an nn.Module subclass, got {type(obj).__name__}")
         if params:
@@ -323,8 +430,8 @@ def register_variant(
                 found[pname] = Param(pname, default, doc)
         sup = supports
         if sup is None:
-            accepts_weights = module is None and "return_weights" in inspect.signature(obj).parameters
-            sup = Supports(weights=accepts_weights)
+            signature = inspect.signature(obj.forward if module is not None else obj).parameters
+            sup = Supports(weights=module is None and "return_weights" in signature, dropout="dropout_p" in signature)
         add(
             VariantSpec(
                 name=name,

@@ -8,8 +8,9 @@ on the inputs that break attention code?
 :func:`check_variant` runs the cases of :data:`CASES` — causal and not, ``Nq == Nk`` and
 ``Nq != Nk`` both ways (bottom-right aligned), grouped-query heads (``Hkv`` = 2 and 1), key
 padding with a fully padded batch row, queries that see no key, empty inputs, strided inputs,
-an explicit ``scale``, float64/float32/bfloat16 — on every backend of the variant that this
-machine can run (dispatch says which; the others are reported as skipped, with its reason).
+an explicit ``scale``, float64/float32/bfloat16, attention dropout (variants that take it) — on
+every backend of the variant that this machine can run (dispatch says which; the others are
+reported as skipped, with its reason).
 Each case compares the output and the gradients ``dq, dk, dv`` of ``<out, g>`` for a fixed
 random ``g``, with one tolerance table (:data:`TOLERANCES`), against:
 
@@ -19,6 +20,11 @@ random ``g``, with one tolerance table (:data:`TOLERANCES`), against:
   ``math`` itself (or the only backend of a user variant) when the variant is exact;
 * with neither (``math`` of an inexact variant, ``nn.Module`` variants): the same backend run in
   float64, for the lower precisions, plus invariants.
+
+Dropout cases draw the call's seed from ``torch.manual_seed(0)`` on every backend, so backends
+whose mask is the library's positional one (``sla.backends.dropout``) drop the same weights as
+``math`` and as the definition (the masked softmax times that mask). Off the CPU, fused kernels
+may draw their own mask (SDPA's dropout on CUDA), so there dropout cases check invariants only.
 
 Invariants checked everywhere: outputs and gradients are finite; a query that sees no key gets
 an exact zero row; changing keys a query cannot see (the future, padded keys) leaves its row
@@ -42,6 +48,7 @@ import torch
 from . import registry
 from .api import attention, build, dense_mask
 from .backends import dispatch
+from .backends.dropout import Dropout, dense_rows, draw_seed
 from .errors import CannotRun, ParameterError, unknown_name_message
 from .selection import selection
 
@@ -106,12 +113,15 @@ class Case:
     batch: int = 2
     head_dim: int = 8
     v_dim: int = 6
+    dropout: float = 0.0
 
     @property
     def label(self) -> str:
         how = [str(self.dtype).replace("torch.", ""), "grad" if self.grad else "no grad"]
         if self.weights:
             how.append("return_weights")
+        if self.dropout:
+            how.append(f"dropout_p={self.dropout}")
         return f"{self.name} [{', '.join(how)}]"
 
     def describe(self) -> str:
@@ -150,6 +160,9 @@ CASES: tuple[Case, ...] = (
     replace(_SHORT_Q_CAUSAL, dtype=_F32, grad=False),
     replace(_SELF_CAUSAL, grad=False, weights=True),
     replace(_LONG_Q_CAUSAL, grad=False, weights=True),
+    # Attention dropout (variants with sla.describe(name).dropout): the mask is positional.
+    replace(_SELF_CAUSAL, dropout=0.3),
+    replace(_SHORT_Q_CAUSAL, dropout=0.3),
     Case("empty-q", 0, 24, kv_heads=2, causal=True, padding="some", dtype=_F32),
     Case("empty-k", 24, 0, kv_heads=2, causal=True, dtype=_F32),
 )
@@ -477,6 +490,8 @@ def _skip_reason(info, case: Case) -> str | None:
         return "variant does not return weights"
     if case.heads != case.kv_heads and not info.grouped_query:
         return "variant does not support grouped-query heads"
+    if case.dropout and not info.dropout:
+        return "variant does not take attention dropout"
     return None
 
 
@@ -540,7 +555,7 @@ class _Target:
             def run(q, k, v, kpm, weights):
                 return attention(
                     q, k, v, name, causal=case.causal, key_padding_mask=kpm, scale=case.scale,
-                    return_weights=weights, backend=backend, **self.params,
+                    return_weights=weights, backend=backend, dropout_p=case.dropout, **self.params,
                 )  # fmt: skip
 
             return run, ()
@@ -552,7 +567,7 @@ class _Target:
             module = copy.deepcopy(module).to(dtype)
 
         def run_module(q, k, v, kpm, weights):
-            return module(q, k, v, key_padding_mask=kpm, return_weights=weights)
+            return module(q, k, v, key_padding_mask=kpm, return_weights=weights, dropout_p=case.dropout)
 
         return run_module, tuple(p for p in module.parameters() if p.requires_grad)
 
@@ -563,9 +578,14 @@ class _Target:
             return _evaluate(run, x, grad=case.grad, weights=case.weights, params=learned)
 
 
-def _reference_kind(spec: registry.VariantSpec, backend: str, dtype: torch.dtype) -> tuple[str, str] | None:
+def _reference_kind(
+    spec: registry.VariantSpec, backend: str, dtype: torch.dtype, dropout: bool = False, device: str = "cpu"
+) -> tuple[str, str] | None:
     """What ``backend`` is compared with: math (float64) for other backends; the definition for
-    math of an exact variant; else the backend itself in float64 (lower precisions only)."""
+    math of an exact variant; else the backend itself in float64 (lower precisions only).
+    Dropout off the CPU: nothing (a fused kernel may draw its own mask)."""
+    if dropout and device != "cpu":
+        return None
     if backend != "math" and "math" in spec.backends:
         return "math", "backend 'math' in float64"
     if spec.exact:
@@ -593,6 +613,8 @@ def _check_case(target: _Target, case: Case, x: _Inputs, names: list[str], repor
                 q, k, v = (t.detach().requires_grad_(case.grad) for t in (x64.q, x64.k, x64.v))
                 with torch.set_grad_enabled(case.grad):
                     out, w = reference_attention(q, k, v, visible, scale)
+                    if case.dropout:
+                        out = _dropped(w, v, case.dropout)
                 grads = torch.autograd.grad(out, (q, k, v), x64.cotangent) if case.grad else None
                 references[kind] = _Result(out.detach(), w.detach(), grads)
             else:
@@ -624,7 +646,7 @@ def _check_case(target: _Target, case: Case, x: _Inputs, names: list[str], repor
             check.finite(f"gradient of learned parameter {i}", g)
         check.zero_rows(got.out, ~visible.any(-1))
 
-        kind = _reference_kind(spec, backend, case.dtype)
+        kind = _reference_kind(spec, backend, case.dtype, bool(case.dropout), target.device.type)
         if kind is not None:
             with check.running(f"its reference, {kind[1]},"):
                 ref = reference(kind[0], "math" if kind[0] == "math" else backend)
@@ -653,12 +675,23 @@ def _check_case(target: _Target, case: Case, x: _Inputs, names: list[str], repor
         report.ran[backend].append(case.label)
 
 
+def _dropped(weights: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
+    """``(weights ⊙ keep / (1 − p)) · v`` with the mask dispatch draws after ``torch.manual_seed(0)``
+    (the positional mask of ``sla.backends.dropout``; its hash is tested on its own)."""
+    with _rng_fork(weights.device):
+        torch.manual_seed(0)
+        seed = draw_seed()
+    B, H, nq, nk = weights.shape
+    keep = Dropout(p, seed).keep(dense_rows(B, H, nq, weights.device), torch.arange(nk, device=weights.device))
+    return (weights * keep / (1 - p)) @ v.double().repeat_interleave(H // v.shape[1], 1)
+
+
 def _ruled_out(spec, params: Mapping[str, Any], backend: str, case: Case, x: _Inputs) -> str | None:
     """Dispatch's reason why ``backend`` cannot run this case (None: it can)."""
     with torch.set_grad_enabled(case.grad):
         q, k, v = (t.detach().requires_grad_(case.grad) for t in (x.q, x.k, x.v))
         prepared = dispatch.prepare(
             spec, q, k, v, params=params, causal=case.causal, key_padding_mask=x.key_padding_mask,
-            scale=case.scale, return_weights=case.weights, backend=backend,
+            scale=case.scale, return_weights=case.weights, backend=backend, dropout_p=case.dropout,
         )  # fmt: skip
     return dispatch.candidates(spec, prepared.call, prepared.params, backend)[0][1]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from _reference import softmax_attention, visible
+from _reference import pattern_attention, softmax_attention, visible
 
 import sparse_linear_attn as sla
 
@@ -106,3 +106,81 @@ def test_bad_config_values(cfg, match):
         sla.build(cfg)
     with pytest.raises(TypeError):
         sla.build(42)
+
+
+def test_build_keeps_its_own_copy_of_the_config():
+    cfg = sla.AttentionConfig("sliding_window", causal=False, params={"window": 2})
+    layer = sla.build(cfg)
+    before = repr(layer)
+    cfg.causal = True
+    cfg.params["window"] = 100
+    cfg.backend = "math"
+    assert repr(layer) == before and "window=2" in before and "causal=False" in before
+    assert layer.config == sla.AttentionConfig("sliding_window", params={"window": 2})
+    q, k, v = qkv()
+    band = (torch.arange(10)[:, None] - torch.arange(10)[None, :]).abs() <= 2
+    ref, _ = pattern_attention(q, k, v, band, scale=8**-0.5)
+    torch.testing.assert_close(layer(q, k, v).double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name,text",
+    [
+        ("dup.json", '{"variant": "sliding_window", "window": 4, "window": 8}'),
+        ("dup.yaml", "variant: sliding_window\nwindow: 4\nwindow: 8\n"),
+        ("dup_nested.yaml", "variant: sliding_window\nparams:\n  window: 4\n  window: 8\n"),
+    ],
+)
+def test_duplicate_keys_are_refused_in_every_format(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=rf"(?s){name}.*duplicate key 'window'"):
+        sla.build(tmp_path / name)
+
+
+def test_yaml_merge_keys_still_override(tmp_path):
+    # A '<<' merge followed by an explicit key is YAML's own way to override, not a duplicate.
+    (tmp_path / "merge.yaml").write_text("variant: sliding_window\nparams:\n  <<: {window: 4}\n  window: 8\n")
+    assert sla.build(tmp_path / "merge.yaml").params == {"window": 8, "sinks": 0}
+
+
+@pytest.mark.parametrize("name,text", [("e.toml", ""), ("e.json", "{}"), ("e.yaml", "{}\n"), ("e2.yaml", "")])
+def test_empty_files_are_refused(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=rf"{name}.*(holds no keys|must hold a mapping)"):
+        sla.build(tmp_path / name)
+
+
+def test_parameter_given_nested_and_flat_is_refused(tmp_path):
+    cfg = {"variant": "sliding_window", "window": 4, "params": {"window": 8}}
+    with pytest.raises(ValueError, match=r"'window' is given both at the top level and under 'params'"):
+        sla.build(cfg)
+    (tmp_path / "both.yaml").write_text("variant: sliding_window\nwindow: 4\nparams:\n  window: 8\n")
+    with pytest.raises(ValueError, match=r"'window' is given both"):
+        sla.build(tmp_path / "both.yaml")
+    assert sla.build({"variant": "sliding_window", "params": {"window": 8}}).params == {"window": 8, "sinks": 0}
+
+
+def test_directory_and_undecodable_files_are_named(tmp_path):
+    (tmp_path / "cfg.yaml").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"cfg.yaml.*is a directory"):
+        sla.build(tmp_path / "cfg.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("variant: full\n# café\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.yaml.*not valid UTF-8"):
+        sla.build(tmp_path / "latin1.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_utf8_bom_is_accepted(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + FILES[name].encode())
+    check_causal_full(sla.build(path))
+
+
+def test_numpy_scalars_are_accepted_where_python_ones_are():
+    np = pytest.importorskip("numpy")
+    layer = sla.build(
+        {"variant": "sliding_window", "window": np.int64(2), "causal": np.bool_(False), "scale": np.float32(0.5)}
+    )
+    assert layer.params == {"window": 2, "sinks": 0} and type(layer.params["window"]) is int
+    layer = sla.build({"variant": "block_sparse", "block_size": np.int32(4), "pattern": np.str_("bigbird")})
+    assert layer.params["block_size"] == 4

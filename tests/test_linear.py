@@ -322,3 +322,36 @@ def test_build_and_describe():
     info = sla.describe("linear")
     assert info.params["feature_map"][0] == "elu" and info.params["chunk_size"][0] == 64
     assert not info.exact and info.backends == ("torch", "math")
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("variant", ["linear", "performer"])
+def test_chunk_size_beyond_the_sequence_is_clamped(variant, grad):
+    # chunk_size=10**6 at N=100 once built a C×C causal block (a terabyte); it must cost what C=N does.
+    from _trace import LargestTensor
+
+    q, k, v = make(b=1, h=2, hkv=2, nq=100, nk=100, d=8, dv=8)
+    kw = dict(causal=True, backend="torch", **({"num_features": 16} if variant == "performer" else {}))
+    ref = reference(q, k, v, "elu" if variant == "linear" else "favor", causal=True, num_features=16)[0]
+    for t in (q, k, v):
+        t.requires_grad_(grad)
+    with torch.set_grad_enabled(grad), LargestTensor() as mode:
+        out = sla.attention(q, k, v, variant, chunk_size=10**6, **kw)
+        if grad:
+            out.sum().backward()
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-9, atol=1e-10)
+    assert mode.largest <= 2 * 100 * 100 * 8, mode.largest  # never more than an N×N per head pair
+
+
+@pytest.mark.parametrize(
+    "variant,params", [("performer", {}), ("linear", {"feature_map": "favor"}), ("linear", {"feature_map": "taylor"})]
+)
+def test_negative_scale_with_a_root_taking_feature_map_is_refused_up_front(variant, params):
+    q, k, v = make(nq=8, nk=8)
+    with pytest.raises(ParameterError, match=r"scale=-1.0.*scale >= 0"):
+        sla.build({"variant": variant, "scale": -1.0, **params})
+    with pytest.raises(ParameterError, match=r"scale=-1.0.*scale >= 0"):
+        sla.attention(q, k, v, variant, scale=-1.0, **params)
+    # Maps that do not scale their input take any scale; zero is allowed for every map.
+    sla.attention(q, k, v, "linear", scale=-1.0, feature_map="elu")
+    sla.attention(q, k, v, variant, scale=0.0, **params)

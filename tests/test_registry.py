@@ -227,3 +227,78 @@ def test_module_variant_without_docstring_is_not_described_as_nn_module(clean_re
             return v
 
     assert sla.describe("undocumented").summary == "user variant"
+
+
+@pytest.mark.parametrize("variant,extra", [("performer", {}), ("block_sparse", {"pattern": "bigbird"})])
+def test_seed_range_is_checked_up_front(variant, extra):
+    q, k, v = qkv(N=16)
+    for bad in (2**64, -1):
+        with pytest.raises(ValueError, match=r"invalid seed=.*\[0, 18446744073709551615\]"):
+            sla.build({"variant": variant, "seed": bad, **extra})
+        with pytest.raises(ValueError, match=r"invalid seed"):
+            sla.attention(q, k, v, variant, seed=bad, **extra)
+    if extra:
+        extra["block_size"] = 4
+    sla.attention(q, k, v, variant, seed=2**64 - 1, **extra)
+
+
+def test_head_dim_zero_is_a_shape_error():
+    z = torch.randn(1, 2, 5, 0)
+    q = torch.randn(1, 2, 5, 3)
+    for name in ("full", "dot_product", "sliding_window", "block_sparse", "linear", "performer"):
+        with pytest.raises(ValueError, match=r"head_dim.*at least 1.*\(1, 2, 5, 0\)"):
+            sla.attention(z, z, z, name)
+        # An empty value dim is legal (the output has no elements), and the weights are still real.
+        assert sla.attention(q, q, z, name).shape == (1, 2, 5, 0)
+    _, w = sla.attention(q, q, z, "full", return_weights=True)
+    torch.testing.assert_close(w, sla.attention(q, q, q, "full", return_weights=True)[1])
+
+
+@pytest.mark.parametrize("cfg", [{1: 2}, {"variant": "full", 3: 4}, {"variant": "full", None: 1}])
+def test_non_string_config_keys_are_named(cfg):
+    with pytest.raises(ValueError, match=r"config keys must be strings"):
+        sla.build(cfg)
+    with pytest.raises(ValueError, match=r"parameter names must be strings"):
+        sla.AttentionConfig("full", params={k: v for k, v in cfg.items() if k != "variant"})
+
+
+def test_backend_none_is_named():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"backend must be a name.*got None"):
+        sla.attention(q, k, v, backend=None)
+    with pytest.raises(ValueError, match=r"'backend' must be a string, got None"):
+        sla.build({"variant": "full", "backend": None})
+
+
+@pytest.mark.parametrize("value", ["no", None, 1, 0.0])
+def test_flags_must_be_bools(value):
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"return_weights must be True or False"):
+        sla.attention(q, k, v, return_weights=value)
+    with pytest.raises(ValueError, match=r"return_weights must be True or False"):
+        sla.build({"variant": "full"})(q, k, v, return_weights=value)
+    with pytest.raises(ValueError, match=r"causal must be True or False"):
+        sla.attention(q, k, v, causal=value)
+    with pytest.raises(ValueError, match=r"causal must be True or False"):
+        sla.dense_mask("sliding_window", 4, 4, causal=value, window=1)
+
+
+def test_second_order_gradients_where_describe_promises_them():
+    # describe(name).second_order lists the backends whose backward is differentiable; each
+    # promise is checked here on the CPU for every registered variant.
+    from sparse_linear_attn.backends.dispatch import BACKENDS
+
+    for name in sla.available_variants():
+        info = sla.describe(name)
+        for backend in info.second_order:
+            if BACKENDS[backend].devices is not None and "cpu" not in BACKENDS[backend].devices:
+                continue
+            q = torch.randn(1, 2, 12, 4, dtype=torch.float64, requires_grad=True)
+            out = sla.attention(q, q, q, name, causal=True, backend=backend)
+            (g,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+            (gg,) = torch.autograd.grad(g.pow(2).sum(), q)
+            assert torch.isfinite(gg).all(), (name, backend)
+    for name in ("full", "dot_product", "sliding_window", "block_sparse"):
+        info = sla.describe(name)
+        assert "math" in info.second_order and "torch" not in info.second_order
+        assert "second-order gradients: backend='math'" in str(info)

@@ -7,9 +7,14 @@ returns results in the input dtype.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..inputs import repeat_kv
+
+if TYPE_CHECKING:
+    from .dropout import Dropout
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -34,12 +39,19 @@ def dense_attention(
     scale: float,
     mask: torch.Tensor | None,
     return_weights: bool,
+    dropout: Dropout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``softmax(q kᵀ·scale masked) v`` with ``mask`` bool, broadcastable to ``(B, H, Nq, Nk)``."""
+    """``softmax(q kᵀ·scale masked) v`` with ``mask`` bool, broadcastable to ``(B, H, Nq, Nk)``.
+
+    With ``dropout`` (:class:`~sparse_linear_attn.backends.dropout.Dropout`) the weights are
+    dropped out and rescaled before ``v``, and the returned weights are those dropped-out ones
+    (as ``nn.MultiheadAttention`` returns them)."""
     H = q.shape[1]
     k, v = repeat_kv(k, H), repeat_kv(v, H)
     work = torch.promote_types(q.dtype, torch.float32)
     scores = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * scale
     weights = masked_softmax(scores, mask)
+    if dropout is not None:
+        weights = dropout.apply_dense(weights)
     out = torch.matmul(weights, v.to(work)).to(q.dtype)
     return out, (weights.to(q.dtype) if return_weights else None)

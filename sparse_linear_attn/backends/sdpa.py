@@ -49,6 +49,8 @@ def masked_sdpa(
 
 def full_sdpa(q, k, v, *, causal, key_padding_mask, scale, return_weights=False):
     nq, nk = q.shape[2], k.shape[2]
+    if causal and nq == 1 and nk >= 1:
+        causal = False  # bottom-right: one query (a decoding step) sees every key; no mask needed
     if key_padding_mask is None and (not causal or nq == nk):
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]

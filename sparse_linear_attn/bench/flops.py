@@ -108,7 +108,9 @@ def count_flops(
     """``{"flops", "avg_visible_keys", "flops_method"}`` (flops None where no count is defined).
 
     Data-dependent variants (``topk_block``, ``hybrid``) are counted from ``selection`` (the
-    ``sla.selection`` of the measured inputs): see :func:`selection_flops`.
+    ``sla.selection`` of the measured inputs): each computed entry, exact or compressed, costs
+    ``2·(D + Dv)`` like any score-and-value pair, plus the built-in estimator's logits
+    (:func:`selection_flops`; a user estimator is not counted, and the method says so).
     """
     spec = registry.get(name)
     out: dict[str, Any] = {"flops": None, "avg_visible_keys": None, "flops_method": None}
@@ -181,12 +183,27 @@ def selection_flops(selection: Any, params: Mapping[str, Any], *, batch: int, he
     reachable = full_visible_keys(nq, nk, causal=causal)  # per query, no padding in benchmarks
     kbar = (selection.density + selection.compressed_density) * reachable
     fwd = 2.0 * batch * heads * nq * kbar * (head_dim + v_dim)
-    est = estimator_flops(params["estimator"], params, batch=batch, heads=heads, nq=nq, nk=nk, head_dim=head_dim,
-                          causal=causal)  # fmt: skip
     method = (
         f"from the selection: density {selection.density:.4f} exact + {selection.compressed_density:.4f} "
         "compressed entries"
     )
+    name = params.get("estimator")
+    if name is None or "block_size" not in params:  # a user's data-dependent variant
+        return fwd, kbar, method + " (what chose them not counted)"
+    est = estimator_flops(name, params, batch=batch, heads=heads, nq=nq, nk=nk, head_dim=head_dim, causal=causal)
     if est is None:
-        return fwd, kbar, method + f"; estimator {params['estimator']!r} not counted"
-    return fwd + est, kbar, method + f", plus the {params['estimator']} estimator's logits ({est:.3g})"
+        return fwd, kbar, method + f"; estimator {name!r} not counted"
+    return fwd + est, kbar, method + f", plus the {name} estimator's logits ({est:.3g})"
+
+
+def oracle_flops(
+    density: float, *, batch: int, heads: int, nq: int, nk: int, head_dim: int, v_dim: int, causal: bool
+) -> dict[str, Any]:
+    """FLOPs of exact attention over a ``density`` share of the reachable entries (the oracle)."""
+    reach, _ = avg_visible_keys("full", {}, nq, nk, causal)
+    kbar = density * reach
+    return {
+        "flops": 2.0 * batch * heads * nq * kbar * (head_dim + v_dim),
+        "avg_visible_keys": kbar,
+        "flops_method": "oracle: density × reachable keys (the selection itself not counted)",
+    }

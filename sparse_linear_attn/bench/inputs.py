@@ -11,12 +11,16 @@ record says which kind was used.
   causal) plus noise: a few keys take almost all the mass (retrieval-like).
 * ``real``    — Q, K, V captured from all-MiniLM-L6-v2 on real text (see :mod:`.real`).
 
-Everything is drawn in float32 on the CPU from a seeded generator (so the same seed gives the
-same inputs on any device), then moved to the benchmark's device and dtype.
+Everything is drawn in float32 on the CPU, ``CHUNK`` positions at a time, each chunk from its
+own generator seeded by ``(seed, kind, stream, chunk index)``: the same seed gives the same
+inputs on any device, the inputs at N are a prefix of those at a longer N (except ``peaked``
+without causality, whose matches are drawn over the whole sequence), and memory beyond the
+three outputs stays bounded (a few MiB per chunk) at any N.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -24,21 +28,54 @@ import torch
 INPUT_KINDS = ("random", "local", "peaked", "real")
 LOCAL_LENGTH = 32.0
 PEAKED_MATCHES = 4
+#: Positions drawn per chunk.
+CHUNK = 2048
 
 
-def _smooth_noise(gen: torch.Generator, shape: tuple[int, ...], length: float) -> torch.Tensor:
-    """Unit-variance noise along dim -2 with correlation exp(-|i-j|/length) (an AR(1) process,
-    computed by FFT convolution with its impulse response rather than a length-N loop)."""
-    *lead, n, d = shape
+def _gen(seed: int, kind: str, stream: str, chunk: int) -> torch.Generator:
+    h = hashlib.sha256(f"{seed}/{kind}/{stream}/{chunk}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
+
+
+def _chunks(n: int):
+    for c in range(math.ceil(n / CHUNK)):
+        yield c, c * CHUNK, min(n, (c + 1) * CHUNK)
+
+
+def _randn(out: torch.Tensor, seed: int, kind: str, stream: str, scale: float = 1.0, add: bool = False) -> None:
+    """Fill (or add to) ``out (B, H, N, D)`` chunk by chunk with N(0, scale²) noise."""
+    B, H, n, D = out.shape
+    for c, lo, hi in _chunks(n):
+        x = torch.randn(B, H, CHUNK, D, generator=_gen(seed, kind, stream, c))[:, :, : hi - lo]
+        if scale != 1.0:
+            x.mul_(scale)
+        if add:
+            out[:, :, lo:hi] += x
+        else:
+            out[:, :, lo:hi] = x
+
+
+def _smooth_noise(out: torch.Tensor, seed: int, kind: str, length: float) -> None:
+    """Fill ``out (B, H, N, D)`` with unit-variance noise along dim -2 correlated as
+    exp(-|i-j|/length): white noise convolved with the AR(1) impulse response ρ^t, truncated
+    at ``12·length`` taps and normalised, one chunk at a time by FFT (each chunk also reads the
+    white noise of the previous one, for the taps that reach back into it)."""
+    B, H, n, D = out.shape
     rho = math.exp(-1.0 / length)
-    taps = min(n, int(12 * length) + 1)
+    taps = int(12 * length) + 1
     kernel = rho ** torch.arange(taps, dtype=torch.float64)
     kernel = (kernel / kernel.square().sum().sqrt()).float()
-    white = torch.randn(*lead, n + taps, d, generator=gen)
-    size = n + 2 * taps
-    spec = torch.fft.rfft(white, n=size, dim=-2) * torch.fft.rfft(kernel, n=size)[:, None]
-    out = torch.fft.irfft(spec, n=size, dim=-2)[..., taps : taps + n, :]
-    return out.contiguous()
+    size = CHUNK + taps
+    kspec = torch.fft.rfft(kernel, n=size)[:, None]
+    prev = None
+    for c, lo, hi in _chunks(n):
+        white = torch.randn(B, H, CHUNK, D, generator=_gen(seed, kind, "white", c))
+        if prev is None:
+            prev = torch.randn(B, H, CHUNK, D, generator=_gen(seed, kind, "white", c - 1))
+        x = torch.cat([prev[:, :, CHUNK - (taps - 1) :], white], dim=2)  # (B, H, taps-1+CHUNK, D)
+        y = torch.fft.irfft(torch.fft.rfft(x, n=size, dim=-2) * kspec, n=size, dim=-2)
+        out[:, :, lo:hi] = y[:, :, taps - 1 : taps - 1 + (hi - lo)]
+        prev = white
 
 
 def make_inputs(
@@ -53,28 +90,40 @@ def make_inputs(
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """float32 CPU tensors q, k, v of shape ``(batch, heads, n, head_dim)`` for a synthetic kind."""
-    gen = torch.Generator().manual_seed(seed)
-    shape = (batch, heads, n, head_dim)
-    if kind == "random":
-        q = torch.randn(shape, generator=gen)
-        k = torch.randn(shape, generator=gen)
-    elif kind == "local":
-        # q_i·k_j·/√D ≈ √D·ρ^|i−j| in expectation: a self-logit of ~√D that fades over ~LOCAL_LENGTH.
-        k = _smooth_noise(gen, shape, LOCAL_LENGTH)
-        q = k + 0.3 * torch.randn(shape, generator=gen)
-    elif kind == "peaked":
-        k = torch.randn(shape, generator=gen)
-        # Matches drawn uniformly among the keys each query may see (j <= i when causal).
-        u = torch.rand(batch, heads, n, PEAKED_MATCHES, generator=gen)
-        limit = torch.arange(1, n + 1).view(1, 1, n, 1) if causal else torch.full((1, 1, 1, 1), n)
-        idx = (u * limit).long().clamp_max(n - 1)
-        flat = idx.reshape(batch, heads, n * PEAKED_MATCHES, 1).expand(-1, -1, -1, head_dim)
-        picked = torch.gather(k, 2, flat).view(batch, heads, n, PEAKED_MATCHES, head_dim)
-        # Logit of a matched key ≈ (3/√P)·‖k‖²/√D = 1.5·√D (P = 4), far above the O(1) others.
-        q = 3.0 * picked.sum(dim=3) / math.sqrt(PEAKED_MATCHES) + 0.5 * torch.randn(shape, generator=gen)
-    else:
+    if kind not in ("random", "local", "peaked"):
         raise ValueError(
             f"unknown synthetic input kind {kind!r}; accepted: random, local, peaked (real: see bench.real)"
         )
-    v = torch.randn(shape, generator=gen)
-    return q * temperature, k, v
+    shape = (batch, heads, n, head_dim)
+    q, k, v = torch.empty(shape), torch.empty(shape), torch.empty(shape)
+    if kind == "random":
+        _randn(q, seed, kind, "q")
+        _randn(k, seed, kind, "k")
+    elif kind == "local":
+        # q_i·k_j·/√D ≈ √D·ρ^|i−j| in expectation: a self-logit of ~√D that fades over ~LOCAL_LENGTH.
+        _smooth_noise(k, seed, kind, LOCAL_LENGTH)
+        q.copy_(k)
+        _randn(q, seed, kind, "q", scale=0.3, add=True)
+    else:
+        _randn(k, seed, kind, "k")
+        # Matches drawn uniformly among the keys each query may see (j <= i when causal).
+        P = PEAKED_MATCHES
+        for c, lo, hi in _chunks(n):
+            u = torch.rand(batch, heads, CHUNK, P, generator=_gen(seed, kind, "u", c))[:, :, : hi - lo]
+            limit = torch.arange(lo + 1, hi + 1).view(1, 1, -1, 1) if causal else torch.full((1, 1, 1, 1), n)
+            idx = (u * limit).long().clamp_max(n - 1)
+            flat = idx.reshape(batch, heads, (hi - lo) * P, 1).expand(-1, -1, -1, head_dim)
+            picked = torch.gather(k, 2, flat).view(batch, heads, hi - lo, P, head_dim)
+            # Logit of a matched key ≈ (3/√P)·‖k‖²/√D = 1.5·√D (P = 4), far above the O(1) others.
+            q[:, :, lo:hi] = 3.0 * picked.sum(dim=3) / math.sqrt(P)
+        _randn(q, seed, kind, "q", scale=0.5, add=True)
+    _randn(v, seed, kind, "v")
+    if temperature != 1.0:
+        q.mul_(temperature)
+    return q, k, v
+
+
+def input_bytes(batch: int, heads: int, n: int, head_dim: int) -> int:
+    """Memory :func:`make_inputs` holds at its peak: the three float32 outputs plus one chunk's work."""
+    chunk = batch * heads * (CHUNK + int(12 * LOCAL_LENGTH) + 1) * head_dim * 4
+    return 3 * batch * heads * n * head_dim * 4 + 8 * chunk

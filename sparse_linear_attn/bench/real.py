@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 import sysconfig
 from collections.abc import Callable, Mapping
 from functools import lru_cache
@@ -122,11 +123,42 @@ def _stdlib_texts():
                     yield doc
 
 
-@lru_cache(maxsize=4)
-def token_stream(min_tokens: int) -> tuple[int, ...]:
-    """Word-piece ids (no special tokens) of at least ``min_tokens`` tokens of stdlib text."""
+def read_documents(path: str | Path) -> list[str]:
+    """The documents of a user's text file: one per paragraph (blank-line separated)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--texts {str(p)!r} is not UTF-8 text ({e})") from None
+    docs = [" ".join(par.split()) for par in re.split(r"\n\s*\n", text)]
+    docs = [d for d in docs if d]
+    if not docs:
+        raise ValueError(f"--texts {str(p)!r} holds no text (one document per paragraph expected)")
+    return docs
+
+
+def token_stream(min_tokens: int, texts: str | Path | None = None) -> tuple[int, ...]:
+    """Word-piece ids of at least ``min_tokens`` tokens: stdlib text (no special tokens), or the
+    documents of ``texts`` each followed by ``[SEP]``."""
+    key = None if texts is None else (str(Path(texts).resolve()), Path(texts).stat().st_mtime_ns)
+    return _token_stream(min_tokens, key)
+
+
+@lru_cache(maxsize=8)
+def _token_stream(min_tokens: int, texts_key: tuple[str, int] | None) -> tuple[int, ...]:
     _, _, tok = load_model()
     ids: list[int] = []
+    if texts_key is not None:
+        sep = tok.token_to_id("[SEP]")
+        for doc in read_documents(texts_key[0]):
+            ids.extend(tok.encode(doc, add_special_tokens=False).ids)
+            ids.append(sep)
+            if len(ids) >= min_tokens:
+                return tuple(ids)
+        raise ValueError(
+            f"--texts {texts_key[0]!r} holds {len(ids)} tokens; {min_tokens} are needed "
+            "(N tokens per batch row): give more text or a smaller N"
+        )
     for text in _stdlib_texts():
         ids.extend(tok.encode(text, add_special_tokens=False).ids)
         if len(ids) >= min_tokens:
@@ -159,10 +191,11 @@ def encode(
     *,
     attention_mask: torch.Tensor | None = None,
     attn: AttnFn = exact_attention,
-    capture_layer: int | None = None,
+    capture_layer: int | str | None = None,
 ):
     """BERT forward of ``input_ids (B, N)``. Returns the last hidden states ``(B, N, 384)``, or
-    ``(q, k, v)`` entering layer ``capture_layer``'s attention, each ``(B, 12, N, 32)``."""
+    ``(q, k, v)`` entering layer ``capture_layer``'s attention, each ``(B, 12, N, 32)``, or with
+    ``capture_layer="all"`` the list of every layer's ``(q, k, v)`` (exact attention between)."""
     w, cfg, _ = load_model()
     eps = cfg["layer_norm_eps"]
     H = cfg["num_attention_heads"]
@@ -177,6 +210,7 @@ def encode(
     )
     x = _ln(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
     pad = None if attention_mask is None else ~attention_mask.bool()
+    captured = []
     for i in range(cfg["num_hidden_layers"]):
         p = f"encoder.layer.{i}."
 
@@ -187,12 +221,16 @@ def encode(
         q, k, v = heads("query"), heads("key"), heads("value")
         if capture_layer == i:
             return q, k, v
+        if capture_layer == "all":
+            captured.append((q, k, v))
         ctx = attn(q, k, v, pad).transpose(1, 2).reshape(B, N, -1)
         a = F.linear(ctx, w[p + "attention.output.dense.weight"], w[p + "attention.output.dense.bias"])
         x = _ln(a + x, w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"], eps)
         h = F.gelu(F.linear(x, w[p + "intermediate.dense.weight"], w[p + "intermediate.dense.bias"]))
         o = F.linear(h, w[p + "output.dense.weight"], w[p + "output.dense.bias"])
         x = _ln(o + x, w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"], eps)
+    if capture_layer == "all":
+        return captured
     if capture_layer is not None:
         raise ValueError(f"capture_layer must be in 0..{cfg['num_hidden_layers'] - 1}, got {capture_layer}")
     return x
@@ -205,12 +243,12 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) 
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
-def _chunks(n: int, count: int, offset: int = 0) -> torch.Tensor:
+def _chunks(n: int, count: int, offset: int = 0, texts: str | Path | None = None) -> torch.Tensor:
     """``count`` rows of ``[CLS] text… [SEP]`` of ``n`` tokens each (n <= 512), consecutive text."""
     _, _, tok = load_model()
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     body = max(0, n - 2)
-    stream = token_stream(offset + count * body + 1)
+    stream = token_stream(offset + count * body + 1, texts)
     rows = []
     for r in range(count):
         part = list(stream[offset + r * body : offset + (r + 1) * body])
@@ -218,34 +256,88 @@ def _chunks(n: int, count: int, offset: int = 0) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
+#: Segments run through the encoder at once (bounds its memory at any N).
+SEGMENT_BATCH = 8
+
+
+def real_layers() -> int:
+    return load_model()[1]["num_hidden_layers"]
+
+
 @torch.no_grad()
-def real_qkv(n: int, *, layer: int = 3, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
-    """q, k, v ``(batch, 12, n, 32)`` float32 from layer ``layer`` of all-MiniLM-L6-v2 on stdlib text."""
+def real_qkv_layers(
+    n: int, *, layers: list[int], batch: int = 1, texts: str | Path | None = None
+) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], str]:
+    """``{layer: (q, k, v)}``, each ``(batch, 12, n, 32)`` float32, entering those layers'
+    attention in all-MiniLM-L6-v2 (exact attention in the layers below), on stdlib text or the
+    documents of ``texts``; and a note saying how they were made. Segments of 512 tokens run
+    ``SEGMENT_BATCH`` at a time, written into preallocated outputs."""
+    w, cfg, _ = load_model()
+    H = cfg["num_attention_heads"]
+    D = cfg["hidden_size"] // H
+    L = cfg["num_hidden_layers"]
+    bad = [x for x in layers if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < L]
+    if bad:
+        raise ValueError(f"real inputs: layer(s) {bad} out of range; the model has layers 0..{L - 1}")
     segs = math.ceil(n / MAX_POSITIONS)
     seg_len = min(n, MAX_POSITIONS)
-    ids = _chunks(seg_len, batch * segs)  # row r*segs + s: segment s of batch row r
-    q, k, v = encode(ids, capture_layer=layer)
-
-    def join(t):
-        t = t.view(batch, segs, *t.shape[1:])  # (b, segs, H, L, D)
-        return t.permute(0, 2, 1, 3, 4).reshape(batch, t.shape[2], segs * seg_len, t.shape[-1])[:, :, :n].contiguous()
-
-    note = f"real: all-MiniLM-L6-v2 layer {layer} Q/K/V on CPython stdlib text"
+    ids = _chunks(seg_len, batch * segs, texts=texts)  # row r*segs + s: segment s of batch row r
+    out = {x: (torch.empty(batch, H, n, D), torch.empty(batch, H, n, D), torch.empty(batch, H, n, D)) for x in layers}
+    for r0 in range(0, batch * segs, SEGMENT_BATCH):
+        captured = encode(ids[r0 : r0 + SEGMENT_BATCH], capture_layer="all")
+        for j in range(captured[0][0].shape[0]):
+            row, seg = divmod(r0 + j, segs)
+            lo = seg * seg_len
+            hi = min(n, lo + seg_len)
+            for x in layers:
+                for dst, src in zip(out[x], captured[x]):
+                    dst[row, :, lo:hi] = src[j, :, : hi - lo]
+    source = "CPython stdlib text" if texts is None else f"the documents of {Path(texts).name}"
+    note = f"real: all-MiniLM-L6-v2 layer(s) {','.join(map(str, layers))} Q/K/V on {source}"
     if segs > 1:
         note += f" ({segs} segments of {seg_len} tokens concatenated; positions restart per segment)"
-    return join(q), join(k), join(v), note
+    return out, note
+
+
+def real_qkv(
+    n: int, *, layer: int = 3, batch: int = 1, texts: str | Path | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """q, k, v ``(batch, 12, n, 32)`` float32 from layer ``layer`` of all-MiniLM-L6-v2."""
+    out, note = real_qkv_layers(n, layers=[layer], batch=batch, texts=texts)
+    return (*out[layer], note)
+
+
+def real_input_bytes(n: int, layers: int, batch: int = 1) -> int:
+    """Memory :func:`real_qkv_layers` holds at its peak: the captured layers plus one segment batch."""
+    _, cfg, _ = load_model()
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    seg = SEGMENT_BATCH * MAX_POSITIONS
+    encoder = seg * (12 * hidden + 2 * inter) * 4 + SEGMENT_BATCH * cfg["num_attention_heads"] * MAX_POSITIONS**2 * 8
+    return 3 * layers * batch * n * hidden * 4 + encoder + 64 * (1 << 20)
 
 
 @torch.no_grad()
 def e2e_cosine(
-    variant: str, params: Mapping[str, Any], backend: str = "auto", *, n: int, batch: int = 1
+    variant: str,
+    params: Mapping[str, Any],
+    backend: str = "auto",
+    *,
+    n: int,
+    batch: int = 1,
+    texts: str | Path | None = None,
 ) -> tuple[torch.Tensor, str]:
     """Cosine similarity of mean-pooled embeddings, every layer's attention replaced by ``variant``,
     against the exact model, on ``max(batch, 4)`` chunks of ``n`` tokens (bidirectional, as trained)."""
     import sparse_linear_attn as sla
 
     count = max(batch, 4)
-    ids = _chunks(n, count, offset=7919)  # other text than the captured Q/K/V
+    offset = 7919  # other text than the captured Q/K/V, where the text is long enough
+    if texts is not None:
+        try:
+            token_stream(offset + count * max(0, n - 2) + 1, texts)
+        except ValueError:
+            offset = 0
+    ids = _chunks(n, count, offset=offset, texts=texts)
 
     def variant_attn(q, k, v, pad):
         return sla.attention(q, k, v, variant, causal=False, key_padding_mask=pad, backend=backend, **params)
@@ -253,7 +345,8 @@ def e2e_cosine(
     exact = mean_pool(encode(ids))
     approx = mean_pool(encode(ids, attn=variant_attn))
     cos = F.cosine_similarity(approx.double(), exact.double(), dim=-1)
+    source = "stdlib text" if texts is None else Path(texts).name + ("" if offset else ", same text as the Q/K/V")
     return cos, (
-        f"all-MiniLM-L6-v2, all 6 layers' attention replaced, {count} chunks of {n} tokens, "
+        f"all-MiniLM-L6-v2, all 6 layers' attention replaced, {count} chunks of {n} tokens of {source}, "
         "non-causal, on the CPU in float32"
     )

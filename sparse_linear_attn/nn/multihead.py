@@ -14,11 +14,13 @@ What decides how a call runs:
 * causal (``is_causal=True``, an ``attn_mask`` equal to the causal mask, or ``causal: true``
   in the attention config) and ``key_padding_mask`` go to the variant itself, so every
   variant — linear ones included — keeps its own cost;
-* an arbitrary ``attn_mask``, a float mask with finite non-zero entries, ALiBi, or attention
-  dropout in training need a score matrix. Exact variants (``full``, ``dot_product`` and exact
-  sparse patterns) run them through one dense masked path — the variant's own pattern
-  (``sla.dense_mask``) combined with the mask — in O(Nq·Nk) memory; other variants refuse
-  them with an error that says so.
+* attention dropout in training goes to the variant too (``dropout_p``) when it supports it
+  (``sla.describe(name).dropout``: ``full``, ``dot_product``, ``sliding_window``,
+  ``block_sparse`` and ``additive`` drop weights inside their own tiles);
+* an arbitrary ``attn_mask``, a float mask with finite non-zero entries, ALiBi, or dropout for
+  an exact variant that does not apply it itself need a score matrix. Exact variants run them
+  through one dense masked path — the variant's own pattern (``sla.dense_mask``) combined with
+  the mask — in O(Nq·Nk) memory; other variants refuse them with an error that says so.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .. import registry
 from ..api import AttentionModule
+from ..backends import dispatch
 from ..config import AttentionConfig, to_config
+from ..decoding import Cache
 from ..errors import ShapeError, unknown_name_message
 from ..inputs import causal_mask, causal_offset, full_visibility
 from .dense import masked_biased_attention, split_float_mask
@@ -97,7 +101,9 @@ class MultiheadAttention(nn.Module):
 
     Args (those shared with ``nn.MultiheadAttention`` keep its meaning and positional order):
         embed_dim, num_heads: model width ``E`` and query heads ``H`` (``head_dim = E // H``).
-        dropout: dropout on the attention weights in training (exact variants only).
+        dropout: dropout on the attention weights in training (variants with
+            ``sla.describe(name).dropout``, and exact ones on the dense path); may also come as
+            ``dropout`` in the attention config.
         bias: biases on the input and output projections.
         add_bias_kv, add_zero_attn: append a learned / a zero key-value pair to the keys.
         kdim, vdim: feature sizes of ``key`` and ``value`` (default ``E``).
@@ -112,7 +118,7 @@ class MultiheadAttention(nn.Module):
         rope_base: the RoPE/sinusoidal frequency base.
 
     Cost: the projections O(N·E²) plus the variant's own cost; O(Nq·Nk) memory whenever the
-    dense path runs (arbitrary masks, ALiBi, dropout, ``need_weights=True``).
+    dense path runs (arbitrary masks, ALiBi, ``need_weights=True``).
     """
 
     __constants__ = ["batch_first"]
@@ -172,13 +178,14 @@ class MultiheadAttention(nn.Module):
         config = _attention_config(attention)
         spec = registry.get(config.variant)
         if "head_dim" in spec.params and "head_dim" not in config.params:
-            config = AttentionConfig(
-                config.variant,
-                config.causal,
-                config.scale,
-                config.backend,
-                {**config.params, "head_dim": self.head_dim},
-            )
+            config = replace(config, params={**config.params, "head_dim": self.head_dim})
+        if config.dropout:
+            if self.dropout and self.dropout != config.dropout:
+                raise ValueError(
+                    f"attention dropout given twice: dropout={dropout} and the attention config's "
+                    f"dropout={config.dropout}; give it once"
+                )
+            self.dropout = config.dropout
         self.attn = AttentionModule(config)
         self.spec = spec
 
@@ -192,17 +199,18 @@ class MultiheadAttention(nn.Module):
                     f"score to bias. Use positional='rope' (works with every variant) or an exact "
                     f"variant ({', '.join(_dense_variants())})."
                 )
-            if self.dropout > 0.0:
+            if self.dropout > 0.0 and not spec.supports.dropout:
                 raise ValueError(
-                    f"dropout={dropout} drops attention weights, but {why}, so it has no weight "
+                    f"dropout={self.dropout} drops attention weights, but {why}, so it has no weight "
                     f"matrix to drop. Pass dropout=0.0 (swap_attention(..., dropout=0.0) does it "
                     f"for every layer) and regularise elsewhere."
                 )
-        elif self.dropout > 0.0 and spec.mask_fn is not None:
+        elif self.dropout > 0.0 and not spec.supports.dropout and spec.mask_fn is not None:
             raise ValueError(
-                f"dropout={dropout} drops attention weights, which for variant {spec.name!r} needs the "
-                f"dense O(Nq·Nk) path in every training step and loses its sparsity. Pass dropout=0.0 "
-                f"(swap_attention(..., dropout=0.0) does it for every layer) and regularise elsewhere."
+                f"dropout={self.dropout} drops attention weights; variant {spec.name!r} does not apply "
+                f"dropout itself, so it would need the dense O(Nq·Nk) path in every training step and "
+                f"lose its sparsity. Pass dropout=0.0 (swap_attention(..., dropout=0.0) does it for "
+                f"every layer) and regularise elsewhere."
             )
         if positional == "rope" and self.head_dim % 2:
             raise ValueError(
@@ -318,12 +326,22 @@ class MultiheadAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
+        cache: Cache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Shapes as ``nn.MultiheadAttention``: query ``(L, B, E)`` (``(B, L, E)`` if
         ``batch_first``, ``(L, E)`` unbatched), key/value ``(S, B, kdim/vdim)``;
         ``key_padding_mask (B, S)``, ``attn_mask (L, S)`` or ``(B·H, L, S)``. Returns the output
         in the query's layout and, if ``need_weights``, weights ``(B, L, S)`` averaged over
-        heads or ``(B, H, L, S)``."""
+        heads or ``(B, H, L, S)``.
+
+        ``cache`` (from :meth:`make_cache`): incremental decoding of causal self-attention.
+        query, key and value then hold only the new tokens (``S == L``), which follow the
+        ``cache.seq_len`` cached ones; positions (RoPE, sinusoidal, ALiBi) continue from there,
+        the cache is updated in place, and the output equals the matching rows of the uncached
+        call over the whole sequence. ``key_padding_mask`` (bool) covers the new tokens and is
+        kept. No ``attn_mask``, ``need_weights``, dropout in training or appended keys."""
+        if cache is not None:
+            return self._forward_cached(query, key, value, key_padding_mask, need_weights, attn_mask, cache)
         if query.is_nested:
             return self._forward_nested(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
@@ -348,6 +366,63 @@ class MultiheadAttention(nn.Module):
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+    def make_cache(self, batch: int, max_len: int | None = None) -> Cache:
+        """An empty decoding cache for ``forward(x, x, x, cache=cache)`` on ``batch`` sequences,
+        in the dtype and on the device of the layer's weights. The attention config must be
+        causal. ``max_len``: positions it may reach (caches that keep every key allocate it)."""
+        w = self.out_proj.weight
+        return self.attn.make_cache(
+            batch, self.num_kv_heads, self.head_dim, self.head_dim, dtype=w.dtype, device=w.device, max_len=max_len
+        )
+
+    def _forward_cached(self, query, key, value, key_padding_mask, need_weights, attn_mask, cache):
+        if query.is_nested or query.dim() != 3 or not (query.shape[:-1] == key.shape[:-1] == value.shape[:-1]):
+            raise ShapeError(
+                f"with a cache, query, key and value are 3-D and hold the same new tokens (self-attention); "
+                f"got query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+            )
+        problems = [
+            what
+            for what, on in (
+                ("need_weights=True (pass need_weights=False)", need_weights),
+                ("an attn_mask (the cached call is causal already)", attn_mask is not None),
+                ("add_bias_kv/add_zero_attn", self.bias_k is not None or self.add_zero_attn),
+                (f"attention dropout ({self.dropout}) in training (call .eval())", self.training and self.dropout > 0),
+                ("a non-bool key_padding_mask", key_padding_mask is not None and key_padding_mask.dtype != torch.bool),
+                ("a non-causal attention config", not self.attn.config.causal),
+            )
+            if on
+        ]
+        if problems:
+            raise ValueError(f"a call with a cache cannot take {' or '.join(problems)}")
+        if not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        B, T, E = query.shape
+        offset = cache.seq_len
+        q, k, v = self._project(query, key, value, offset=offset)
+        if self.alibi is None:
+            dropout_p = self.dropout if self.training else 0.0  # refused with a cache: decode in eval()
+            out = self.attn(q, k, v, key_padding_mask=key_padding_mask, causal=True, cache=cache, dropout_p=dropout_p)
+        else:
+            # ALiBi biases scores, which the variants do not take: the dense path over the keys
+            # the cache shows, with distances from their positions.
+            a = self.attn
+            dispatch.prepare(
+                a.spec, q, k, v, params=a.params, causal=True, key_padding_mask=key_padding_mask,
+                scale=a.config.scale, backend=a.config.backend, cache=cache,
+            )  # fmt: skip
+            view = cache.append(k, v, key_padding_mask)
+            visible = view.visible[None]
+            if view.key_padding_mask is not None:
+                visible = visible & ~view.key_padding_mask[:, None, None, :]
+            qpos = torch.arange(offset, offset + T, device=q.device)
+            bias = self.alibi.bias(qpos, view.positions, dtype=torch.promote_types(q.dtype, torch.float32))
+            out, _ = masked_biased_attention(
+                q, view.keys, view.values, scale=a.scale_for(self.head_dim), visible=visible, bias=bias[None]
+            )
+        out, _ = self._finish(out, None, B, T, E, True)
+        return (out if self.batch_first else out.transpose(0, 1)), None
 
     def _forward_nested(
         self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
@@ -394,12 +469,15 @@ class MultiheadAttention(nn.Module):
                     f"nn.TransformerEncoderLayer already passes False)"
                 )
             kpm = None if masks.kp_visible is None else ~masks.kp_visible[:, 0, 0, :]
-            res = self.attn(q, k, v, key_padding_mask=kpm, return_weights=need_weights, causal=masks.causal)
+            res = self.attn(
+                q, k, v, key_padding_mask=kpm, return_weights=need_weights, causal=masks.causal, dropout_p=dropout_p
+            )
             out, weights = res if need_weights else (res, None)
         return self._finish(out, weights, B, Nq, E, average)
 
-    def _project(self, query, key, value):
-        """Checked batch-first inputs → q ``(B, H, Nq, D)``, k/v ``(B, Hkv, Nk, D)`` with positions applied."""
+    def _project(self, query, key, value, offset: int = 0):
+        """Checked batch-first inputs → q ``(B, H, Nq, D)``, k/v ``(B, Hkv, Nk, D)`` with positions
+        applied; keys sit at positions ``offset .. offset + Nk − 1`` (``offset``: a cache's length)."""
         B, Nq, E = query.shape
         Nk = key.shape[1]
         if E != self.embed_dim or key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
@@ -416,15 +494,18 @@ class MultiheadAttention(nn.Module):
         q_in, k_in = query, key
         if self.positional == "sinusoidal":
             q_in = query + sinusoidal_encoding(
-                Nq, E, base=self.rope_base, offset=causal_offset(Nq, Nk), device=query.device, dtype=query.dtype
+                Nq, E, base=self.rope_base, offset=offset + causal_offset(Nq, Nk), device=query.device,
+                dtype=query.dtype,
+            )  # fmt: skip
+            k_in = key + sinusoidal_encoding(
+                Nk, self.kdim, base=self.rope_base, offset=offset, device=key.device, dtype=key.dtype
             )
-            k_in = key + sinusoidal_encoding(Nk, self.kdim, base=self.rope_base, device=key.device, dtype=key.dtype)
         (w_q, b_q), (w_k, b_k), (w_v, b_v) = self._projections()
         q = F.linear(q_in, w_q, b_q).reshape(B, Nq, H, D).transpose(1, 2)
         k = F.linear(k_in, w_k, b_k).reshape(B, Nk, Hkv, D).transpose(1, 2)
         v = F.linear(value, w_v, b_v).reshape(B, Nk, Hkv, D).transpose(1, 2)
         if self.rotary is not None:
-            q, k = self.rotary(q, k)
+            q, k = self.rotary(q, k, offset=offset)
         return q, k, v
 
     def _masks(self, key_padding_mask, attn_mask, is_causal, B, Nq, Nk, device) -> _Masks:
@@ -503,7 +584,10 @@ class MultiheadAttention(nn.Module):
                 ("an arbitrary attn_mask", masks.am_visible is not None),
                 ("a float mask with finite non-zero entries (a score bias)", masks.bias() is not None),
                 ("positional='alibi'", self.alibi is not None),
-                (f"attention dropout ({self.dropout}) in training", dropout_p > 0.0),
+                (
+                    f"attention dropout ({self.dropout}) in training",
+                    dropout_p > 0.0 and not self.spec.supports.dropout,
+                ),
                 ("add_bias_kv/add_zero_attn with a causal mask", extra and masks.am_visible is not None),
                 # The appended keys sit outside the pattern (visible to every query): dense path.
                 ("add_bias_kv/add_zero_attn with a patterned variant", extra and self.spec.mask_fn is not None),

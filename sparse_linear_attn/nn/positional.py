@@ -66,8 +66,9 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) 
 class RotaryEmbedding(nn.Module):
     """RoPE for ``q (B, H, Nq, D)`` and ``k (B, Hkv, Nk, D)``; no learned parameters.
 
-    ``forward(q, k) -> (q_rot, k_rot)`` with keys at positions ``0..Nk−1`` and queries at
-    ``Nk−Nq .. Nk−1`` (bottom-right alignment). Cost O((Nq + Nk)·D).
+    ``forward(q, k, offset=0) -> (q_rot, k_rot)`` with keys at positions ``offset ..
+    offset + Nk − 1`` and queries at the last ``Nq`` of them (bottom-right alignment); a decoding
+    step passes ``offset = cache.seq_len``. Cost O((Nq + Nk)·D).
     """
 
     def __init__(self, head_dim: int, base: float = 10000.0):
@@ -85,10 +86,10 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"RotaryEmbedding(head_dim={self.head_dim}) got head_dim {x.shape[-1]}")
         return apply_rope(x, positions, self.base)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         nq, nk = q.shape[-2], k.shape[-2]
-        kpos = torch.arange(nk, device=k.device)
-        qpos = torch.arange(nq, device=q.device) + causal_offset(nq, nk)
+        kpos = torch.arange(offset, offset + nk, device=k.device)
+        qpos = torch.arange(nq, device=q.device) + offset + causal_offset(nq, nk)
         return self.rotate(q, qpos), self.rotate(k, kpos)
 
 
@@ -160,6 +161,7 @@ class ALiBi(nn.Module):
     ``pos(i) = i + Nk − Nq`` (bottom-right alignment). Causally masked, ``|pos(i) − j|`` is the
     paper's ``pos(i) − j``; without a causal mask the bias is symmetric in distance.
     ``forward(nq, nk) -> (H, nq, nk)`` float tensor to add to the scores: O(H·Nq·Nk).
+    ``bias(q_positions, k_positions)`` gives it for explicit positions (decoding with a cache).
     """
 
     slopes: torch.Tensor
@@ -174,10 +176,13 @@ class ALiBi(nn.Module):
 
     def forward(self, nq: int, nk: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
         device = self.slopes.device if device is None else device
-        i = torch.arange(nq, device=device)[:, None] + causal_offset(nq, nk)
-        j = torch.arange(nk, device=device)[None, :]
-        dist = (i - j).abs().to(dtype)
-        return -self.slopes.to(device=device, dtype=dtype)[:, None, None] * dist[None]
+        i = torch.arange(nq, device=device) + causal_offset(nq, nk)
+        return self.bias(i, torch.arange(nk, device=device), dtype=dtype)
+
+    def bias(self, q_positions: torch.Tensor, k_positions: torch.Tensor, *, dtype=torch.float32) -> torch.Tensor:
+        """``(H, len(q_positions), len(k_positions))``: ``−slope_h · |q_pos − k_pos|``."""
+        dist = (q_positions[:, None] - k_positions[None, :]).abs().to(dtype)
+        return -self.slopes.to(device=dist.device, dtype=dtype)[:, None, None] * dist[None]
 
 
 POSITIONAL = ("rope", "sinusoidal", "alibi")

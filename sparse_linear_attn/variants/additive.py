@@ -7,7 +7,8 @@ defaults to 1 (the scores are not dot products). Shapes ``(B, H, Nq, D)`` / ``(B
 ``(B, Hkv, Nk, Dv)`` with ``D == head_dim``. Cost O(B·H·Nq·Nk·hidden_dim) time. The
 ``(chunk, Nk, hidden)`` tanh tensor is built one query chunk at a time so that memory stays
 bounded (about ``chunk_elements`` floats), and under autograd each chunk is recomputed in the
-backward pass rather than stored. Available through ``sla.build`` only.
+backward pass rather than stored. Attention dropout drops each chunk's softmax weights with the
+positional mask of :mod:`sparse_linear_attn.backends.dropout`. Available through ``sla.build`` only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..backends.dropout import Dropout, query_rows
 from ..backends.math import masked_softmax
 from ..inputs import causal_offset
 from ..registry import Param, Supports, VariantSpec, add, int_at_least
@@ -49,7 +51,7 @@ class AdditiveAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, hidden_dim={self.hidden_dim}"
 
-    def forward(self, q, k, v, *, causal=False, key_padding_mask=None, scale=None, return_weights=False):
+    def forward(self, q, k, v, *, causal=False, key_padding_mask=None, scale=None, return_weights=False, dropout=None):
         if q.shape[-1] != self.head_dim:
             raise ValueError(
                 f"additive attention was built with head_dim={self.head_dim} but q has head_dim "
@@ -75,7 +77,7 @@ class AdditiveAttention(nn.Module):
             args = (pq[:, :, :, s:e], pk, vg, self.w.to(dtype))
 
             def step(a, b, c, d, s=s, e=e):
-                return self._chunk(a, b, c, d, s, e, Nq, Nk, causal, pad, scale)
+                return self._chunk(a, b, c, d, s, e, Nq, Nk, causal, pad, scale, dropout)
 
             if use_ckpt and not return_weights:
                 o, _ = checkpoint(step, *args, use_reentrant=False)
@@ -89,7 +91,7 @@ class AdditiveAttention(nn.Module):
             return out, torch.cat(weights, dim=3).reshape(B, H, Nq, Nk)
         return out
 
-    def _chunk(self, pq, pk, vg, w, s, e, nq, nk, causal, pad, scale):
+    def _chunk(self, pq, pk, vg, w, s, e, nq, nk, causal, pad, scale, dropout: Dropout | None):
         scores = torch.tanh(pq[..., :, None, :] + pk[..., None, :, :]) @ w * scale  # (B,Hkv,G,c,Nk)
         mask = None
         if causal:
@@ -98,7 +100,15 @@ class AdditiveAttention(nn.Module):
         if pad is not None:
             mask = pad if mask is None else mask & pad
         # Softmax in float32 at least (bf16 scores lose too much), float64 stays float64.
-        p = masked_softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), mask).to(vg.dtype)
+        p = masked_softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), mask)
+        if dropout is not None:
+            B, Hkv, G = pq.shape[:3]
+            dev = pq.device
+            b = torch.arange(B, device=dev).view(B, 1, 1, 1, 1)
+            h = (torch.arange(Hkv, device=dev).view(Hkv, 1) * G + torch.arange(G, device=dev)).view(1, Hkv, G, 1, 1)
+            i = torch.arange(s, e, device=dev).view(1, 1, 1, e - s, 1)
+            p = dropout.apply(p, query_rows(b, h, i, heads=Hkv * G, nq=nq), torch.arange(nk, device=dev))
+        p = p.to(vg.dtype)
         return p @ vg, p
 
 
@@ -113,9 +123,10 @@ add(
             "head_dim": Param("head_dim", 64, "size D of q and k (the learned projections' input)", int_at_least(1)),
             "hidden_dim": Param("hidden_dim", 64, "size of the tanh layer", int_at_least(1)),
         },
-        supports=Supports(),
+        supports=Supports(dropout=True),
         module=AdditiveAttention,
         default_scale=1.0,
+        cache_family="kv",
         examples=({"head_dim": 8, "hidden_dim": 4},),
     )
 )

@@ -19,7 +19,9 @@ by how many key blocks they see and processed in bounded groups; each group gath
 active key tiles (:func:`group_budget` elements at a time), so memory never holds an ``Nq×Nk``
 tensor. The attention of a group runs through SDPA, or, on CPU without grad in float32/64,
 through :func:`~sparse_linear_attn.backends.tiles.tile_attention` with buffers reused by every
-group.
+group. With attention dropout a group runs through
+:func:`~sparse_linear_attn.backends.dropout.dropout_attention` (explicit tile weights with the
+positional mask of the ``math`` backend), under a per-group mask.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..backends.dropout import Dropout, dropout_attention, query_rows
 from ..backends.flex import block_mask_from_layout, cached_block_mask, flex_run, flex_skip_in_auto
 from ..backends.math import dense_attention
 from ..backends.partial import partial_attention
@@ -40,8 +43,8 @@ from ..backends.sdpa import masked_sdpa, open_empty_rows
 from ..backends.tiles import tile_attention, use_bmm_tiles
 from ..errors import ParameterError, unknown_name_message
 from ..inputs import causal_offset, full_visibility
-from ..patterns import PATTERNS, shared_pattern_layout
-from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least
+from ..patterns import PATTERNS, pattern_rule, shared_pattern_layout
+from ..registry import SEED_RANGE, Impl, Param, Supports, VariantSpec, add, int_at_least
 
 #: Elements of the gathered key (and value) tiles built at once, on CPU without autograd. Small
 #: on purpose: a group's copies should stay in cache and under glibc's mmap threshold (32 MiB),
@@ -95,6 +98,27 @@ def resolve_layout(nq: int, nk: int, *, causal: bool, heads: int | None = None, 
     )
 
 
+def layout_rows(query_blocks: torch.Tensor, nk_blocks: int, **params) -> torch.Tensor:
+    """Rows ``query_blocks`` of the causal layout of a call with ``Nq == Nk``, over key blocks
+    ``0 .. nk_blocks − 1``: bool ``(len, nk_blocks)`` or ``(H, len, nk_blocks)`` for a per-head
+    ``layout``. For a named pattern a row does not depend on the sequence length
+    (:func:`~sparse_linear_attn.patterns.pattern_rule`), so a decoding step gets the rows the
+    one-shot call uses; a given ``layout`` must be square and cover the blocks asked for.
+    """
+    lay = params.get("layout")
+    if lay is not None:
+        lay = torch.as_tensor(lay)
+        return lay[..., query_blocks.to(lay.device), :nk_blocks].cpu()
+    names = ("num_local_blocks", "num_global_blocks", "num_random_blocks", "stride", "seed")
+    return pattern_rule(
+        params.get("pattern") or "local",
+        query_blocks,
+        nk_blocks,
+        causal=True,
+        **{n: params[n] for n in names if n in params},
+    )
+
+
 def block_sparse_mask(nq: int, nk: int, *, causal: bool = False, **params) -> torch.Tensor:
     """Bool ``(nq, nk)`` or ``(H, nq, nk)``: the element mask of the layout (causal applied by the caller)."""
     layout = resolve_layout(nq, nk, causal=causal, **params)
@@ -132,12 +156,12 @@ def block_sparse_visible_keys(nq: int, nk: int, *, causal: bool = False, **param
     return float(total.double().mean()) / nq
 
 
-def block_sparse_reference(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, **params):
+def block_sparse_reference(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, dropout=None, **params):
     """Dense masked softmax over the expanded layout: the ``math`` backend (O(Nq·Nk))."""
     nq, nk = q.shape[2], k.shape[2]
     pattern = block_sparse_mask(nq, nk, causal=causal, heads=q.shape[1], **params).to(q.device)
     mask = full_visibility(nq, nk, causal=causal, key_padding_mask=key_padding_mask, pattern=pattern)
-    return dense_attention(q, k, v, scale=scale, mask=mask, return_weights=return_weights)
+    return dense_attention(q, k, v, scale=scale, mask=mask, return_weights=return_weights, dropout=dropout)
 
 
 def _row_plan(layout: torch.Tensor, causal: bool, nq: int, nk: int, bs: int):
@@ -205,6 +229,7 @@ class _TilePlan:
     fix_empty: bool
     bmm: bool  # run tiles through tile_attention (CPU, no grad, float32/64) instead of SDPA
     lse: bool = False  # also return each query's log-sum-exp (float32 at least; −inf: no key)
+    dropout: Dropout | None = None  # attention dropout: groups run dropout_attention
     # (k tiles, v tiles, scores) buffers lent to every group when there is no autograd.
     bufs: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
@@ -288,7 +313,17 @@ def _group(plan: _TilePlan, q, k, v, kpm, rows, mask_kind: str | None, diagonal=
     if mask_kind == "general":
         mask = _group_mask(plan, kpm, rows, kb, nqp, nkp, Hkv)
         mask = mask.expand(nb, g, mask.shape[2], L).reshape(nb * g, 1, mask.shape[2], L)
-    if plan.bmm:
+    if plan.dropout is not None:
+        # Global rows (b·H + h)·Nq + i and key positions of the gathered tiles, for the mask hash;
+        # padding rows and slots (i ≥ Nq, unused or j ≥ Nk) are masked or dropped anyway.
+        i = ((rows % nqb)[:, None] * bs + torch.arange(bs, device=dev)).view(1, g, 1, bs, 1)
+        qrows = query_rows(bi[..., None, None], h[..., None, None], i, heads=H, nq=plan.nq)
+        j = (kb[:, :, None] * bs + torch.arange(bs, device=dev)).flatten(1)  # (g, c·bs)
+        out = dropout_attention(
+            qg, kg, vg, scale=plan.scale, mask=mask, dropout=plan.dropout,
+            rows=qrows.reshape(nb * g, hq_, bs, 1), cols=j[None].expand(nb, g, L).reshape(nb * g, 1, 1, L),
+        )  # fmt: skip
+    elif plan.bmm:
         # Query heads that share a key/value head are stacked, so each gathered tile is read once.
         rep, n = hq_ // hk_, nb * g * hk_
         bias = keep = seen = None
@@ -367,9 +402,11 @@ def block_attention(
     key_padding_mask: torch.Tensor | None,
     scale: float,
     return_lse: bool = False,
+    dropout: Dropout | None = None,
 ) -> Any:
     """Exact softmax attention over the ``block_size`` tiles a block layout allows: the tiled
     kernel of the ``torch`` backend (see the module docstring for the math and the cost).
+    ``dropout``: attention dropout on each tile's weights (positional mask, as ``math``'s).
 
     q ``(B, H, Nq, D)``, k ``(B, Hkv, Nk, D)``, v ``(B, Hkv, Nk, Dv)``; ``layout`` bool
     ``(Nq_blocks, Nk_blocks)``, per head ``(H, Nq_blocks, Nk_blocks)``, or per batch row and kv
@@ -400,24 +437,26 @@ def block_attention(
     off = causal_offset(nq, nk)
     plan = _TilePlan(
         bs=bs, nq=nq, nk=nk, causal=causal, scale=scale, rows=rows, counts=counts.to(dev), cols=cols.to(dev),
-        fix_empty=kpm is not None or (causal and (off % bs != 0 or nq > nk)), bmm=use_bmm_tiles(q, grad),
-        lse=return_lse,
+        fix_empty=kpm is not None or (causal and (off % bs != 0 or nq > nk)),
+        bmm=use_bmm_tiles(q, grad) and dropout is None, lse=return_lse, dropout=dropout,
     )  # fmt: skip
     budget = group_budget(dev, grad)
     # Elements per key block of one row: its k and v tiles (all kv heads when shared) and, with
     # bmm, its (bs, bs) score tiles (all query heads); the budget bounds the largest of them.
-    tile_dim = max(D, Dv, bs if plan.bmm else 0)
+    # With dropout, a group's explicit weights and their int64 mask hash: several (bs, bs) per tile.
+    tile_dim = max(D, Dv, bs if plan.bmm else 0, 4 * bs if dropout is not None else 0)
     # Per (batch, kv head) rows count all three, k, v and score tiles: their groups were
     # measured ~12 % faster kept that small (a selection's rows reuse few tiles; see docs/adaptive.md).
     per_block = {
         "shared": B * bs * tile_dim * max(H, Hkv),
         "head": B * bs * tile_dim,
-        "batch_kv": bs * (D + Dv + ((H // Hkv) * bs if plan.bmm else 0)),
+        "batch_kv": bs * (D + Dv + ((H // Hkv) * bs if plan.bmm else 0) + (4 * bs if dropout is not None else 0)),
     }[rows]
     groups = list(
         _groups(
             widths, kinds, blocks_per_group=budget // per_block, causal=causal,
-            uniform_ok=kpm is None and (nk % bs == 0 or (causal and nq == nk)),
+            # Dropout groups build their mask per row ("general"): their weights are explicit anyway.
+            uniform_ok=kpm is None and (nk % bs == 0 or (causal and nq == nk)) and dropout is None,
         )
     )  # fmt: skip
     order = order.to(dev)
@@ -473,12 +512,13 @@ def block_attention(
     return out, lse.view(B, H, nqb * bs)[:, :, :nq]
 
 
-def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, **params):
+def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, dropout=None, **params):
     """Exact block-sparse attention gathering only the active tiles (see the module docstring)."""
     layout = resolve_layout(q.shape[2], k.shape[2], causal=causal, heads=q.shape[1], **params)
     out = block_attention(
-        q, k, v, layout, block_size=params["block_size"], causal=causal, key_padding_mask=key_padding_mask, scale=scale
-    )
+        q, k, v, layout, block_size=params["block_size"], causal=causal, key_padding_mask=key_padding_mask,
+        scale=scale, dropout=dropout,
+    )  # fmt: skip
     return out, None
 
 
@@ -603,17 +643,18 @@ add(
                 "num_random_blocks", 2, "bigbird: random key blocks per query block", int_at_least(0)
             ),
             "stride": Param("stride", 4, "strided: local width and stride, in blocks", int_at_least(1)),
-            "seed": Param("seed", 0, "bigbird: seed of the random blocks", int_at_least(0)),
+            "seed": Param("seed", 0, "bigbird: seed of the random blocks", SEED_RANGE),
         },
-        supports=Supports(),
+        supports=Supports(dropout=True),
         impls={
-            "torch": Impl(block_sparse_torch),
+            "torch": Impl(block_sparse_torch, dropout=True),
             "flex": Impl(block_sparse_flex, skip_in_auto=flex_skip_in_auto),
-            "math": Impl(block_sparse_reference),
+            "math": Impl(block_sparse_reference, dropout=True, double_backward=True),
         },
         mask_fn=block_sparse_mask,
         visible_keys=block_sparse_visible_keys,
         check_params=_check_params,
+        cache_family="block_sparse",
         # Each named pattern, block sizes that do and do not divide N = 16, 24, 40. (A per-head
         # layout depends on N, so it has no example here; tests/test_block_sparse.py covers it.)
         examples=(

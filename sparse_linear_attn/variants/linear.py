@@ -32,13 +32,14 @@ output is returned in the input dtype.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from ..feature_maps import FeatureContext, FeatureMap, check_feature_map, get_feature_map
 from ..inputs import full_visibility, repeat_kv
-from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least
+from ..registry import SEED_RANGE, Impl, Param, Supports, VariantSpec, add, int_at_least, is_bool
 
 #: Floats of per-group workspace (features, scores, per-chunk states) the causal path aims at
 #: without autograd (small groups stay in cache), and with it (fewer, larger autograd nodes
@@ -129,9 +130,9 @@ class _Features:
         self.fmap, self.ctx, self.work = fmap, ctx, work
         self.keep = None if key_padding_mask is None else (~key_padding_mask)[:, None, :, None].to(work)
 
-    def keys(self, k, s, e):  # k (B, Hkv, Nk, D) -> (B, Hkv, e - s, M)
+    def keys(self, k, s, e, k0=0):  # k (B, Hkv, Nk, D) -> (B, Hkv, e - s, M); k0: k's start in the mask
         f = self.fmap(k[:, :, s:e].to(self.work), self.ctx, is_query=False)
-        return f if self.keep is None else f * self.keep[:, :, s:e]
+        return f if self.keep is None else f * self.keep[:, :, k0 + s : k0 + e]
 
     def queries(self, x):
         return self.fmap(x.to(self.work), self.ctx, is_query=True)
@@ -208,38 +209,80 @@ def linear_chunked(
             e = min(off, s + 4096)
             state = state + feats.keys(k, s, e).transpose(-1, -2) @ _with_ones(v[:, :, s:e], work)
     lead = max(0, -off)
-    N = Nq - lead  # queries that see something; also the keys left after the prefix
     k0 = max(0, off)
-    C = chunk_size
+    rows = dict(chunk_size=chunk_size, k0=k0, grad=grad)
     if not grad:
         out = q.new_empty(B, H, Nq, Dv)
         if lead:
             out[:, :, :lead] = 0
-        _causal_inference(
-            feats,
-            qg[:, :, :, lead:],
-            k[:, :, k0:],
-            v[:, :, k0:],
-            state,
-            out.view(B, Hkv, G, Nq, Dv)[:, :, :, lead:],
-            C,
-            k0,
-        )
+        target = out.view(B, Hkv, G, Nq, Dv)[:, :, :, lead:]
+        _causal_rows(feats, qg[:, :, :, lead:], k[:, :, k0:], v[:, :, k0:], state, out=target, **rows)
         return out, None
+    out, _ = _causal_rows(feats, qg[:, :, :, lead:], k[:, :, k0:], v[:, :, k0:], state, **rows)
+    if lead:
+        out = torch.cat([q.new_zeros(B, Hkv, G, lead, Dv), out], dim=3)
+    return out.reshape(B, H, Nq, Dv), None
+
+
+def linear_causal_continue(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    fmap: FeatureMap,
+    ctx: FeatureContext,
+    key_padding_mask: torch.Tensor | None,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal linear attention of ``N`` new positions continuing a stream (incremental decoding).
+
+    Query ``n`` sees the earlier keys, summed in ``state = [S, z]`` ``(B, Hkv, M, Dv + 1)``
+    (``S = Σ φ(k_j) v_jᵀ``, ``z = Σ φ(k_j)`` in the work dtype, float32 or float64), and the
+    new keys ``0..n``: ``out_n = φ(q_n)ᵀ(S + Σ_{j≤n} φ(k_j)v_jᵀ) / φ(q_n)ᵀ(z + Σ_{j≤n} φ(k_j))``.
+    q ``(B, H, N, D)``, k ``(B, Hkv, N, D)``, v ``(B, Hkv, N, Dv)``; ``fmap``/``ctx`` map them
+    (``ctx`` from ``FeatureMap.prepare``/``extend``); padded keys add nothing. Returns ``out``
+    ``(B, H, N, Dv)`` in q's dtype and the state after the new keys (``state`` is not modified).
+    The same chunkwise kernels as :func:`linear_chunked`: O(N·(C·M + M·Dv)) time.
+    """
+    B, H, N, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    feats = _Features(fmap, ctx, key_padding_mask, state.dtype)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, state))
+    out, state = _causal_rows(
+        feats, q.reshape(B, Hkv, H // Hkv, N, D), k, v, state, chunk_size=chunk_size, k0=0, grad=grad
+    )
+    return out.reshape(B, H, N, Dv), state
+
+
+def _causal_rows(feats: _Features, qg, k, v, state, *, chunk_size: int, k0: int, grad: bool, out=None):
+    """The square causal chunkwise form: query ``n`` of ``qg (B, Hkv, G, N, D)`` sees keys ``0..n``
+    of ``k``/``v`` and every key summed in the initial ``state (B, Hkv, M, Dv + 1)``.
+
+    Returns ``(out (B, Hkv, G, N, Dv), final state)``; without ``grad`` ``out`` may be given to
+    write into. ``k0`` is where these keys start in the caller's key-padding mask.
+    """
+    B, Hkv, G, N, D = qg.shape
+    Dv, M = v.shape[-1], state.shape[-2]
+    # A chunk longer than the sequence only adds padding (a C×C block per chunk): clamp it.
+    C = max(1, min(chunk_size, N))
+    work = feats.work
+    if not grad:
+        if out is None:
+            out = qg.new_empty(B, Hkv, G, N, Dv)
+        return out, _causal_inference(feats, qg, k, v, state, out, C, k0)
     per_position = B * Hkv * (G * (2 * D + M + C + 3 * (Dv + 1)) + D + M + 2 * (Dv + 1) + M * (Dv + 1) // C + 1)
     L = _group_length(per_position, C, GRAD_GROUP_ELEMENTS)
-    tri = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    tri = torch.ones(C, C, dtype=torch.bool, device=qg.device).tril()
     tri = tri.repeat(G, 1).to(work)  # (G·C, C): the same causal block for each grouped head
     pieces = []
-    if lead:
-        pieces.append(q.new_zeros(B, Hkv, G, lead, Dv))
     for s in range(0, N, L):
         e = min(N, s + L)
         n = -(-(e - s) // C)
         pad = n * C - (e - s)
-        fk = feats.keys(k, k0 + s, k0 + e)  # (B, Hkv, l, M)
-        vv = _with_ones(v[:, :, k0 + s : k0 + e], work)  # (B, Hkv, l, Dv+1)
-        fq = feats.queries(qg[:, :, :, lead + s : lead + e])  # (B, Hkv, G, l, M)
+        fk = feats.keys(k, s, e, k0)  # (B, Hkv, l, M)
+        vv = _with_ones(v[:, :, s:e], work)  # (B, Hkv, l, Dv+1)
+        fq = feats.queries(qg[:, :, :, s:e])  # (B, Hkv, G, l, M)
         if pad:
             # Zero features of the padding positions contribute nothing to any sum.
             fk = F.pad(fk, (0, 0, 0, pad))
@@ -254,15 +297,14 @@ def linear_chunked(
         running = torch.cumsum(chunk_kv, dim=2)
         before = torch.cat([state[:, :, None], state[:, :, None] + running[:, :, :-1]], dim=2)
         state = state + running[:, :, -1]
-        scores = fq @ fk.transpose(-1, -2)  # (B, Hkv, n, G·C, C)
-        scores = scores * tri if grad else scores.mul_(tri)
-        num = fq @ before
-        num = num + scores @ vv if grad else num.add_(scores @ vv)
+        scores = fq @ fk.transpose(-1, -2) * tri  # (B, Hkv, n, G·C, C)
+        num = fq @ before + scores @ vv
         o = _safe_divide(num[..., :Dv], num[..., Dv:])  # (B, Hkv, n, G·C, Dv)
         o = o.reshape(B, Hkv, n, G, C, Dv).permute(0, 1, 3, 2, 4, 5).reshape(B, Hkv, G, n * C, Dv)
-        pieces.append(o[:, :, :, : e - s].to(q.dtype))
-    out = torch.cat(pieces, dim=3) if len(pieces) > 1 else pieces[0]
-    return out.reshape(B, H, Nq, Dv), None
+        pieces.append(o[:, :, :, : e - s].to(qg.dtype))
+    if not pieces:
+        return qg.new_zeros(B, Hkv, G, 0, Dv), state
+    return (torch.cat(pieces, dim=3) if len(pieces) > 1 else pieces[0]), state
 
 
 def _chunk_major(x: torch.Tensor, n: int, C: int) -> torch.Tensor:
@@ -274,8 +316,9 @@ def _chunk_major(x: torch.Tensor, n: int, C: int) -> torch.Tensor:
     return x.movedim(-3, 0).contiguous()
 
 
-def _causal_inference(feats: _Features, qg, k, v, state, out, C: int, k0: int) -> None:
-    """The causal chunkwise form without autograd, writing into ``out`` (B, Hkv, G, N, Dv).
+def _causal_inference(feats: _Features, qg, k, v, state, out, C: int, k0: int) -> torch.Tensor:
+    """The causal chunkwise form without autograd, writing into ``out`` (B, Hkv, G, N, Dv);
+    returns the state after the last key.
 
     Same algorithm as the autograd path in :func:`linear_chunked`, laid out chunk-major
     ``(n, B·Hkv, C, ·)`` so that the exclusive prefix sum of the per-chunk states is one
@@ -336,7 +379,10 @@ def _causal_inference(feats: _Features, qg, k, v, state, out, C: int, k0: int) -
         states = states_buf[: n + 1]
         states[0] = state
         torch.matmul(fk.transpose(-1, -2), vv, out=states[1:])
-        states.cumsum_(0)  # states[c] = state before chunk c
+        # states[c] = state before chunk c. Row by row: torch's in-place cumsum over dim 0 is
+        # many times slower on CPU than these contiguous adds (docs/decoding.md).
+        for c in range(1, n + 1):
+            states[c].add_(states[c - 1])
         state = states[n]
         num = torch.matmul(fq, states[:n], out=num_buf[:n])  # (n, BH, G·C, Dv+1)
         scores = torch.matmul(fq, fk.transpose(-1, -2), out=scores_buf[:n]).mul_(tri)
@@ -351,11 +397,25 @@ def _causal_inference(feats: _Features, qg, k, v, state, out, C: int, k0: int) -
         else:
             o = torch.div(*quotient).permute(1, 2, 3, 0, 4, 5).reshape(B, Hkv, G, n * C, Dv)
             target.copy_(o[:, :, :, :size])
-    # `state` is a view into states_buf; nothing reads it after the loop.
+    # A view into states_buf (or the initial state when there were no positions).
+    return state.reshape(B, Hkv, M, Dv + 1)
 
 
 # ---------------------------------------------------------------------------------------------
 # Registration.
+
+
+#: Why linear attention takes no ``dropout_p`` (shown by ``sla.describe``).
+NO_DROPOUT = (
+    "no attention dropout: dropout drops softmax weights, and linear attention never forms its "
+    "weight matrix (it sums φ(K)ᵀV first, which is where its O(N) cost comes from), so there is no "
+    "weight to drop; regularise elsewhere (dropout on the layer's output or projections)"
+)
+
+
+def _check_scale(scale: float, params) -> str | None:
+    """Maps that take ``scale``'s root (favor, taylor) need it non-negative; performer is favor."""
+    return get_feature_map(params.get("feature_map", "favor")).check_scale(scale)
 
 
 def _params(feature_map: bool) -> dict[str, Param]:
@@ -369,23 +429,18 @@ def _params(feature_map: bool) -> dict[str, Param]:
         )
     out.update(
         num_features=Param("num_features", 256, "M, random features of favor (ignored by the others)", int_at_least(1)),
-        seed=Param("seed", 0, "seed of favor's random projection (same seed, same features)", int_at_least(0)),
-        chunk_size=Param("chunk_size", 64, "C, positions per chunk of the causal chunkwise form", int_at_least(1)),
+        seed=Param("seed", 0, "seed of favor's random projection (same seed, same features)", SEED_RANGE),
+        chunk_size=Param(
+            "chunk_size", 64, "C, positions per chunk of the causal chunkwise form (at most N)", int_at_least(1)
+        ),
         redraw=Param(
             "redraw",
             False,
             "favor: draw a fresh projection on every call that builds a graph (training)",
-            lambda x: None if isinstance(x, bool) else f"expected True or False, got {type(x).__name__}",
+            is_bool,
         ),
     )
     return out
-
-
-def _as_performer(fn):
-    def run(q, k, v, **kw):
-        return fn(q, k, v, feature_map="favor", **kw)
-
-    return run
 
 
 add(
@@ -396,7 +451,13 @@ add(
         cost="O(N·M·Dv) (causal: O(N·(C·M + M·Dv)))",
         params=_params(feature_map=True),
         supports=Supports(),
-        impls={"torch": Impl(linear_chunked), "math": Impl(linear_reference)},
+        cache_family="recurrent",
+        impls={
+            "torch": Impl(linear_chunked, double_backward=True),
+            "math": Impl(linear_reference, double_backward=True),
+        },
+        check_scale=_check_scale,
+        notes=(NO_DROPOUT,),
         # Each feature map; chunks shorter than N, ragged and not (N = 16, 24, 40).
         examples=(
             {"feature_map": "elu", "chunk_size": 5},
@@ -415,7 +476,13 @@ add(
         cost="O(N·M·Dv) (causal: O(N·(C·M + M·Dv)))",
         params=_params(feature_map=False),
         supports=Supports(),
-        impls={"torch": Impl(_as_performer(linear_chunked)), "math": Impl(_as_performer(linear_reference))},
+        cache_family="performer",
+        impls={
+            "torch": Impl(partial(linear_chunked, feature_map="favor"), double_backward=True),
+            "math": Impl(partial(linear_reference, feature_map="favor"), double_backward=True),
+        },
+        check_scale=_check_scale,
+        notes=(NO_DROPOUT,),
         examples=(
             {"num_features": 16, "chunk_size": 5},
             {"num_features": 7, "seed": 2, "chunk_size": 16},

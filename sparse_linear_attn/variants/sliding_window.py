@@ -21,7 +21,9 @@ on CPU in float32/64 they run through :func:`~sparse_linear_attn.backends.tiles.
 (``baddbmm → softmax → bmm`` per head, written straight into the output), elsewhere through
 SDPA. With grad, each group copies its spans (``unfold``, bounded by ``GROUP_ELEMENTS``), runs
 SDPA and is recomputed in backward. Only tiles at the sequence edges, and calls with a key
-padding mask, need a per-tile mask (and run through SDPA).
+padding mask, need a per-tile mask (and run through SDPA). With attention dropout every group
+copies its spans and runs :func:`~sparse_linear_attn.backends.dropout.dropout_attention`
+(explicit tile weights, the positional mask of the ``math`` backend), with or without grad.
 
 ``sinks`` (StreamingLLM's attention sinks) adds the first keys to every query's window. The
 band is then computed with each query's log-sum-exp (``tile_attention``'s, or explicit scores
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..backends.dropout import Dropout, dropout_attention, query_rows
 from ..backends.flex import block_mask_from_layout, cached_block_mask, flex_run, flex_skip_in_auto
 from ..backends.math import dense_attention
 from ..backends.partial import merge_partials, partial_attention
@@ -77,7 +80,9 @@ def sliding_window_visible_keys(nq: int, nk: int, *, causal: bool = False, windo
     return float((band + s - inside).mean())
 
 
-def sliding_window_reference(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window, sinks=0):
+def sliding_window_reference(
+    q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window, sinks=0, dropout=None
+):
     """Dense masked softmax: the ``math`` backend (O(Nq·Nk)), the one that returns weights."""
     nq, nk = q.shape[2], k.shape[2]
     mask = full_visibility(
@@ -87,7 +92,7 @@ def sliding_window_reference(q, k, v, *, causal, key_padding_mask, scale, return
         key_padding_mask=key_padding_mask,
         pattern=sliding_window_mask(nq, nk, causal=causal, window=window, sinks=sinks).to(q.device),
     )
-    return dense_attention(q, k, v, scale=scale, mask=mask, return_weights=return_weights)
+    return dense_attention(q, k, v, scale=scale, mask=mask, return_weights=return_weights, dropout=dropout)
 
 
 def _span(t: torch.Tensor, start: int, stop: int, fill) -> torch.Tensor:
@@ -109,7 +114,7 @@ def _span(t: torch.Tensor, start: int, stop: int, fill) -> torch.Tensor:
     return torch.cat(parts, dim=2)
 
 
-def _tile_group(q, k, v, kpm, band, t0, g, *, T, wl, wr, offset, scale, lse=False):
+def _tile_group(q, k, v, kpm, band, t0, g, *, T, wl, wr, offset, scale, lse=False, dropout: Dropout | None = None):
     """Attention of query tiles ``t0 .. t0+g-1`` over their key spans: ``(B, H, g·T, Dv)``;
     with ``lse``, ``(out, lse (B, H, g·T))`` through explicit scores (float32 at least)."""
     B, H, nq, D = q.shape
@@ -125,16 +130,23 @@ def _tile_group(q, k, v, kpm, band, t0, g, *, T, wl, wr, offset, scale, lse=Fals
     k4 = ks.permute(0, 2, 1, 4, 3).reshape(B * g, Hkv, L, D)
     v4 = vs.permute(0, 2, 1, 4, 3).reshape(B * g, Hkv, L, Dv)
     edge = start < 0 or stop > nk
+    j = start + torch.arange(g, device=q.device)[:, None] * T + torch.arange(L, device=q.device)  # (g, L) keys
+    mask = band
     if edge or kpm is not None:
         # Per-tile mask: keys outside [0, Nk) or padded never get weight.
-        j = start + torch.arange(g, device=q.device)[:, None] * T + torch.arange(L, device=q.device)
         ok = ((j >= 0) & (j < nk))[None]  # (1, g, L)
         if kpm is not None:
             ok = ok & ~_span(kpm[:, None, :], start, stop, True)[:, 0].unfold(1, L, T)  # (B, g, L)
         mask = (band & ok[:, :, None, :]).expand(B, g, T, L).reshape(B * g, 1, T, L)
-    else:
-        mask = band
-    if lse:
+    if dropout is not None:
+        # Rows beyond Nq (the last tile's padding) are dropped by the caller.
+        i = (t0 * T + torch.arange(g * T, device=q.device)).view(1, g, 1, T, 1)
+        b = torch.arange(B, device=q.device).view(B, 1, 1, 1, 1)
+        h = torch.arange(H, device=q.device).view(1, 1, H, 1, 1)
+        rows = query_rows(b, h, i, heads=H, nq=nq).reshape(B * g, H, T, 1)
+        cols = j[None].expand(B, g, L).reshape(B * g, 1, 1, L)
+        out = dropout_attention(q4, k4, v4, scale=scale, mask=mask, dropout=dropout, rows=rows, cols=cols)
+    elif lse:
         out, row_lse = partial_attention(q4, k4, v4, scale=scale, mask=mask)
         row_lse = row_lse.reshape(B, g, H, T).transpose(1, 2).reshape(B, H, g * T)
     elif mask is not band:
@@ -201,7 +213,7 @@ def _interior_group_into(out, q, k, v, band, t0, g, *, T, wl, offset, scale, bia
 
 
 def sliding_window_torch(
-    q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window, sinks=0, tile=None
+    q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window, sinks=0, tile=None, dropout=None
 ):  # fmt: skip
     """Tiled exact sliding-window attention (see the module docstring for cost and memory);
     with ``sinks``, the band's part and the sinks' part merged by their log-sum-exp."""
@@ -212,7 +224,8 @@ def sliding_window_torch(
                                         sinks=sinks)  # fmt: skip
         out, _ = merge_partials(out.to(sink_out.dtype), band_lse, sink_out, sink_lse)
         return out.to(q.dtype), None
-    return _band(q, k, v, key_padding_mask, causal=causal, scale=scale, window=window, tile=tile), None
+    band = _band(q, k, v, key_padding_mask, causal=causal, scale=scale, window=window, tile=tile, dropout=dropout)
+    return band, None
 
 
 def _sink_part(q, k, v, kpm, *, causal, scale, window, sinks):
@@ -230,7 +243,7 @@ def _sink_part(q, k, v, kpm, *, causal, scale, window, sinks):
     return partial_attention(q, k[:, :, :s], v[:, :, :s], scale=scale, mask=mask)
 
 
-def _band(q, k, v, key_padding_mask, *, causal, scale, window, tile=None, lse=False):
+def _band(q, k, v, key_padding_mask, *, causal, scale, window, tile=None, lse=False, dropout=None):
     """The band's attention ``(B, H, Nq, Dv)``, or ``(out, lse)`` with each query's log-sum-exp."""
     B, H, nq, _ = q.shape
     Hkv, nk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -246,6 +259,9 @@ def _band(q, k, v, key_padding_mask, *, causal, scale, window, tile=None, lse=Fa
     offset = causal_offset(nq, nk)
     n_tiles = -(-nq // T)
     per_tile = B * max(H, Hkv) * L * max(q.shape[3], Dv)
+    if dropout is not None:
+        # A group's explicit weights and their int64 mask hash: a few times its (T, L) scores.
+        per_tile = max(per_tile, 4 * B * H * T * L)
     group = max(1, min(n_tiles, GROUP_ELEMENTS // per_tile))
     kw = dict(T=T, wl=wl, wr=wr, offset=offset, scale=scale)
     # Tiles [first, last) have their whole key span inside [0, Nk) and all their queries: the
@@ -256,11 +272,15 @@ def _band(q, k, v, key_padding_mask, *, causal, scale, window, tile=None, lse=Fa
     groups = []
     for lo, hi in ((0, first), (first, last), (last, n_tiles)):
         groups += [(t0, min(group, hi - t0)) for t0 in range(lo, hi, group)]
-    if grad:
-        # Recompute each group in the backward pass instead of keeping its gathered k/v copies,
-        # so training memory stays O(N·D) as well.
+    if grad or dropout is not None:
+        # With grad, recompute each group in the backward pass instead of keeping its gathered
+        # k/v copies (and weights), so training memory stays O(N·D) as well. Dropout's mask is a
+        # hash of the position, so the recomputation drops what the forward dropped.
+        kw_group = dict(kw, lse=lse, dropout=dropout)
         pieces = [
-            checkpoint(_tile_group, q, k, v, key_padding_mask, band, t0, g, use_reentrant=False, lse=lse, **kw)
+            checkpoint(_tile_group, q, k, v, key_padding_mask, band, t0, g, use_reentrant=False, **kw_group)
+            if grad
+            else _tile_group(q, k, v, key_padding_mask, band, t0, g, **kw_group)
             for t0, g in groups
         ]
         if lse:
@@ -340,8 +360,14 @@ def sliding_window_flex(q, k, v, *, causal, key_padding_mask, scale, return_weig
     return flex_run(q, k, v, block_mask=cached_block_mask(key, build), scale=scale), None
 
 
+def _torch_rules_out(call, params) -> str | None:
+    if params.get("sinks", 0) and call.dropout:
+        return "attention dropout with sinks > 0 runs on the math backend"
+    return None
+
+
 def _xformers_rules_out(call, params) -> str | None:
-    if params["sinks"]:
+    if params.get("sinks", 0):
         return "xformers' local-attention bias has no sink keys (sinks > 0); the torch and flex backends do"
     return no_key_padding(call, params)
 
@@ -367,16 +393,17 @@ add(
                 int_at_least(0),
             ),
         },
-        supports=Supports(),
+        supports=Supports(dropout=True),
         impls={
-            "torch": Impl(sliding_window_torch),
+            "torch": Impl(sliding_window_torch, dropout=True, rules_out=_torch_rules_out),
             "flex": Impl(sliding_window_flex, skip_in_auto=flex_skip_in_auto),
             "xformers": Impl(sliding_window_xformers, rules_out=_xformers_rules_out),
-            "math": Impl(sliding_window_reference),
+            "math": Impl(sliding_window_reference, dropout=True, double_backward=True),
         },
         mask_fn=sliding_window_mask,
         visible_keys=sliding_window_visible_keys,
-        # Inside the sequence, none, one key, and wider than the sequence.
+        cache_family="window",
+        # Inside the sequence, none, one key, and wider than the sequence; sinks in and past it.
         examples=(
             {"window": 5},
             {"window": 0},

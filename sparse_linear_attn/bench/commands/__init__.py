@@ -1,0 +1,1 @@
+"""The subcommands of ``sla-bench``, one module each (see :mod:`..cli`)."""
