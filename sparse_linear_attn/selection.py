@@ -189,6 +189,7 @@ def choose_blocks(
     ranked_ok = torch.isfinite(order.values)
     n_keep = keep.sum(-1, keepdim=True)
     if mass is None:
+        assert density is not None, "choose_blocks needs density or mass"
         R = reachable.sum(-1, keepdim=True)
         budget = torch.ceil(R.double() * float(density) - 1e-9).long().clamp_min(1)
         budget = torch.minimum(budget, R)

@@ -598,11 +598,15 @@ def _reference_kind(
 
 def _check_case(target: _Target, case: Case, x: _Inputs, names: list[str], report: ConformanceReport) -> None:
     spec, name = target.spec, target.spec.name
-    kw = dict(causal=case.causal, key_padding_mask=x.key_padding_mask)
-    visible = reference_visibility(name, target.resolved, case.nq, case.nk, q=x.q, k=x.k, scale=case.scale, **kw)
+    kpm = x.key_padding_mask
+    visible = reference_visibility(name, target.resolved, case.nq, case.nk, causal=case.causal, key_padding_mask=kpm,
+                                   q=x.q, k=x.k, scale=case.scale)  # fmt: skip
     # What a query may depend on at all: for a data-dependent variant, every reachable key (its
     # selection reads them), not only the ones it selected.
-    reachable = reference_visibility(name, target.resolved, case.nq, case.nk, **kw) if spec.data_dependent else visible
+    reachable = visible
+    if spec.data_dependent:
+        reachable = reference_visibility(name, target.resolved, case.nq, case.nk, causal=case.causal,
+                                         key_padding_mask=kpm)  # fmt: skip
     references: dict[str, _Result] = {}
 
     def reference(kind: str, backend: str) -> _Result:

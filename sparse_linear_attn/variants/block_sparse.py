@@ -339,10 +339,10 @@ def _group(plan: _TilePlan, q, k, v, kpm, rows, mask_kind: str | None, diagonal=
             qg.reshape(n, rep * bs, D), kg.reshape(n, L, D), vg.reshape(n, L, Dv), scale=plan.scale, bias=bias,
             keep=keep, scores=bufs[2] if bufs is not None else None, return_lse=plan.lse,
         )  # fmt: skip
-        out = result[0] if plan.lse else result
-        out = out.view(nb * g, hq_, bs, Dv)
-        if plan.lse:
-            lse = result[1].view(nb * g, hq_, bs)
+        if isinstance(result, tuple):  # plan.lse
+            out, lse = result[0].view(nb * g, hq_, bs, Dv), result[1].view(nb * g, hq_, bs)
+        else:
+            out = result.view(nb * g, hq_, bs, Dv)
         if seen is not None:
             out = out * seen.to(out.dtype)
             if lse is not None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -417,11 +418,12 @@ def compressed_part(
     outs, lses = [], []
     for a0 in starts:
         a1 = min(nqb, a0 + step)
-        kw = dict(block_mask=block_mask, groups=groups, block_size=bs, a0=a0, a1=a1, scale=scale)
+        chunk = partial(_compressed_chunk, block_mask=block_mask, groups=groups, block_size=bs, a0=a0, a1=a1,
+                        scale=scale)  # fmt: skip
         if grad:
-            part = checkpoint(_compressed_chunk, qr[:, :, a0:a1], *tensors, use_reentrant=False, **kw)
+            part = checkpoint(chunk, qr[:, :, a0:a1], *tensors, use_reentrant=False)
         else:
-            part = _compressed_chunk(qr[:, :, a0:a1], *tensors, **kw)
+            part = chunk(qr[:, :, a0:a1], *tensors)
         if into:
             out[:, :, a0:a1], lse[:, :, a0:a1] = part
         else:

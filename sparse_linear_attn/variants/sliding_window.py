@@ -306,6 +306,7 @@ def _band(q, k, v, key_padding_mask, *, causal, scale, window, tile=None, lse=Fa
         stop = min(nq, (t0 + g) * T)
         if lse:
             piece, piece_lse = piece
+            assert row_lse is not None
             row_lse[:, :, t0 * T : stop] = piece_lse[:, :, : stop - t0 * T]
         out[:, :, t0 * T : stop] = piece[:, :, : stop - t0 * T]
     return (out, row_lse) if lse else out
