@@ -49,3 +49,19 @@ def test_half_inputs_accumulate_in_float32():
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
     ref, _ = softmax_attention(q, k, v, scale=0.25)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_inplace_merge_writes_into_the_first_part():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 5, 4, dtype=F64, generator=g)
+    k = torch.randn(1, 2, 9, 4, dtype=F64, generator=g)
+    v = torch.randn(1, 2, 9, 3, dtype=F64, generator=g)
+    mask = torch.rand(1, 1, 5, 9, generator=g) > 0.4
+    mask[:, :, 0] = False  # a row that sees nothing
+    oa, la = partial_attention(q, k[:, :, :4], v[:, :, :4], scale=0.5, mask=mask[..., :4])
+    ob, lb = partial_attention(q, k[:, :, 4:], v[:, :, 4:], scale=0.5, mask=mask[..., 4:])
+    want, want_lse = merge_partials(oa, la, ob, lb)
+    got, lse = merge_partials(oa, la, ob, lb, inplace=True)
+    assert got.data_ptr() == oa.data_ptr()
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch.testing.assert_close(lse, want_lse, atol=0, rtol=0)
