@@ -13,10 +13,12 @@ from . import variants as _variants  # noqa: F401  (registers the built-in varia
 from .api import AttentionModule, attention, build, dense_mask
 from .config import AttentionConfig
 from .decoding import Cache, make_cache
+from .estimators import available_estimators, register_estimator
 from .feature_maps import available_feature_maps, register_feature_map
 from .metrics import attention_recall, relative_error
 from .nn import ALiBi, MultiheadAttention, RotaryEmbedding, SinusoidalPositionalEncoding, swap_attention
 from .registry import available_variants, describe, register_variant, unregister_variant
+from .selection import Selection, selection
 
 __version__ = "0.1.0"
 
@@ -40,16 +42,20 @@ __all__ = [
     "AttentionConfig",
     "AttentionModule",
     "Cache",
+    "Selection",
     "attention",
     "attention_recall",
+    "available_estimators",
     "available_feature_maps",
     "available_variants",
     "build",
     "dense_mask",
     "describe",
     "make_cache",
+    "register_estimator",
     "register_feature_map",
     "register_variant",
     "relative_error",
+    "selection",
     "unregister_variant",
 ]

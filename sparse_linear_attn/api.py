@@ -222,6 +222,11 @@ def dense_mask(variant: str, nq: int, nk: int, *, causal: bool = False, **params
             f"variant {variant!r} is not an exact pattern of softmax attention, so it has no dense mask; "
             f"variants with one: {', '.join(n for n in registry.available_variants() if registry.get(n).exact)}"
         )
+    if spec.data_dependent:
+        raise ValueError(
+            f"variant {variant!r} chooses what it computes from the inputs, so it has no fixed mask; "
+            f"use sla.selection(q, k, {variant!r}, ...).dense() for the entries a call computes"
+        )
     resolved = spec.resolve_params(params)
     pattern = spec.mask_fn(nq, nk, causal=causal, **resolved) if spec.mask_fn is not None else None
     mask = full_visibility(nq, nk, causal=causal, key_padding_mask=None, pattern=pattern)

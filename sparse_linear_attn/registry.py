@@ -180,11 +180,21 @@ class VariantSpec:
     # by token with ``sla.make_cache``; None: no incremental decoding. A name, not a class, so that
     # variants never import the decoding package (it imports them).
     cache_family: str | None = None
+    # Data-dependent exact variants (the pattern is chosen from the inputs, so there is no
+    # mask_fn): (q, k, *, causal, key_padding_mask, scale, **params) -> sla.Selection of what a
+    # call with these inputs computes exactly. Its presence is what marks a variant as
+    # data-dependent (``sla.selection`` and the conformance suite read it).
+    selection_fn: Callable[..., Any] | None = None
     user_defined: bool = False
 
     @property
     def backends(self) -> tuple[str, ...]:
         return tuple(self.impls) if self.module is None else ("module",)
+
+    @property
+    def data_dependent(self) -> bool:
+        """Whether the variant chooses what it computes from the inputs (see ``selection_fn``)."""
+        return self.selection_fn is not None
 
     @property
     def build_only(self) -> bool:

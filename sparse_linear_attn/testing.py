@@ -50,6 +50,7 @@ from .api import attention, build, dense_mask
 from .backends import dispatch
 from .backends.dropout import Dropout, dense_rows, draw_seed
 from .errors import CannotRun, ParameterError, unknown_name_message
+from .selection import selection
 
 __all__ = [
     "CASES",
@@ -179,19 +180,28 @@ def reference_visibility(
     *,
     causal: bool,
     key_padding_mask: torch.Tensor | None,
+    q: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Bool ``(B or 1, H or 1, nq, nk)``: True where query ``i`` may see key ``j``.
 
     Causal is bottom-right aligned (``j <= i + nk − nq``), padded keys are hidden, and an exact
     variant's pattern comes from ``sla.dense_mask``. An inexact variant may give any weight to
-    a visible key, none to the others. A variant whose pattern depends on the inputs (no static
-    mask) adds its rule here.
+    a visible key, none to the others. A data-dependent exact variant (one with a
+    ``VariantSpec.selection_fn``) has no static mask: its pattern is ``sla.selection(q, k, ...)
+    .dense()`` of these inputs, or, without ``q``/``k``, none (causality and padding only).
     """
     i = torch.arange(nq)[:, None]
     j = torch.arange(nk)[None, :]
     vis = (j <= i + nk - nq) if causal else torch.ones(nq, nk, dtype=torch.bool)
     vis = vis[None, None]
-    if registry.describe(variant).exact and nq > 0 and nk > 0:
+    spec = registry.get(variant)
+    if spec.exact and spec.data_dependent and nq > 0 and nk > 0:
+        if q is not None and k is not None:
+            chosen = selection(q, k, variant, causal=causal, key_padding_mask=key_padding_mask, scale=scale, **params)
+            vis = vis & chosen.dense().cpu()
+    elif spec.exact and nq > 0 and nk > 0:
         pattern = dense_mask(variant, nq, nk, causal=causal, **params).cpu()
         vis = vis & (pattern[None, None] if pattern.dim() == 2 else pattern[None])
     if key_padding_mask is not None:
@@ -579,7 +589,8 @@ def _reference_kind(
     if backend != "math" and "math" in spec.backends:
         return "math", "backend 'math' in float64"
     if spec.exact:
-        return "definition", "the float64 masked softmax over sla.dense_mask"
+        source = "sla.selection(...).dense()" if spec.data_dependent else "sla.dense_mask"
+        return "definition", f"the float64 masked softmax over {source}"
     if dtype != _F64:
         return f"self:{backend}", f"backend {backend!r} in float64"
     return None
@@ -587,8 +598,15 @@ def _reference_kind(
 
 def _check_case(target: _Target, case: Case, x: _Inputs, names: list[str], report: ConformanceReport) -> None:
     spec, name = target.spec, target.spec.name
-    visible = reference_visibility(name, target.resolved, case.nq, case.nk, causal=case.causal,
-                                   key_padding_mask=x.key_padding_mask)  # fmt: skip
+    kpm = x.key_padding_mask
+    visible = reference_visibility(name, target.resolved, case.nq, case.nk, causal=case.causal, key_padding_mask=kpm,
+                                   q=x.q, k=x.k, scale=case.scale)  # fmt: skip
+    # What a query may depend on at all: for a data-dependent variant, every reachable key (its
+    # selection reads them), not only the ones it selected.
+    reachable = visible
+    if spec.data_dependent:
+        reachable = reference_visibility(name, target.resolved, case.nq, case.nk, causal=case.causal,
+                                         key_padding_mask=kpm)  # fmt: skip
     references: dict[str, _Result] = {}
 
     def reference(kind: str, backend: str) -> _Result:
@@ -645,7 +663,7 @@ def _check_case(target: _Target, case: Case, x: _Inputs, names: list[str], repor
             check.weights(got.weights, got.out, x.v, visible, case.dtype)
 
         # Keys a query cannot see must not change its row (float64, where this is exact enough).
-        moved = _perturbed(x, visible) if case.dtype == _F64 and not case.weights else None
+        moved = _perturbed(x, reachable) if case.dtype == _F64 and not case.weights else None
         if moved is not None and (case.causal or case.padding != "none"):
             x2, unaffected = moved
             with check.running("the call with changed future/padded keys"):

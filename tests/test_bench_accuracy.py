@@ -139,7 +139,10 @@ def data_dependent_variant(monkeypatch):
         assert variant == "bench_dd"
         return _fake_select(q, k, causal)
 
-    monkeypatch.setattr(registry.get("bench_dd"), "data_dependent", True, raising=False)
+    # VariantSpec.selection_fn is what marks a variant as data-dependent.
+    monkeypatch.setattr(
+        registry.get("bench_dd"), "selection_fn", lambda q, k, *, causal, **kw: _fake_select(q, k, causal)
+    )
     monkeypatch.setattr(sla, "selection", selection, raising=False)
     yield "bench_dd"
     sla.unregister_variant("bench_dd")

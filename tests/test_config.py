@@ -140,7 +140,7 @@ def test_duplicate_keys_are_refused_in_every_format(tmp_path, name, text):
 def test_yaml_merge_keys_still_override(tmp_path):
     # A '<<' merge followed by an explicit key is YAML's own way to override, not a duplicate.
     (tmp_path / "merge.yaml").write_text("variant: sliding_window\nparams:\n  <<: {window: 4}\n  window: 8\n")
-    assert sla.build(tmp_path / "merge.yaml").params == {"window": 8}
+    assert sla.build(tmp_path / "merge.yaml").params == {"window": 8, "sinks": 0}
 
 
 @pytest.mark.parametrize("name,text", [("e.toml", ""), ("e.json", "{}"), ("e.yaml", "{}\n"), ("e2.yaml", "")])
@@ -157,7 +157,7 @@ def test_parameter_given_nested_and_flat_is_refused(tmp_path):
     (tmp_path / "both.yaml").write_text("variant: sliding_window\nwindow: 4\nparams:\n  window: 8\n")
     with pytest.raises(ValueError, match=r"'window' is given both"):
         sla.build(tmp_path / "both.yaml")
-    assert sla.build({"variant": "sliding_window", "params": {"window": 8}}).params == {"window": 8}
+    assert sla.build({"variant": "sliding_window", "params": {"window": 8}}).params == {"window": 8, "sinks": 0}
 
 
 def test_directory_and_undecodable_files_are_named(tmp_path):
@@ -181,6 +181,6 @@ def test_numpy_scalars_are_accepted_where_python_ones_are():
     layer = sla.build(
         {"variant": "sliding_window", "window": np.int64(2), "causal": np.bool_(False), "scale": np.float32(0.5)}
     )
-    assert layer.params == {"window": 2} and type(layer.params["window"]) is int
+    assert layer.params == {"window": 2, "sinks": 0} and type(layer.params["window"]) is int
     layer = sla.build({"variant": "block_sparse", "block_size": np.int32(4), "pattern": np.str_("bigbird")})
     assert layer.params["block_size"] == 4

@@ -65,3 +65,19 @@ def test_without_autograd_the_same_values():
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(lse, _lse_reference(q, k, mask.expand(2, 4, 9, 13), 0.3), atol=1e-12, rtol=0)
     assert torch.isneginf(lse[:, :, 0]).all() and not out.isnan().any()
+
+
+def test_inplace_merge_writes_into_the_first_part():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 5, 4, dtype=F64, generator=g)
+    k = torch.randn(1, 2, 9, 4, dtype=F64, generator=g)
+    v = torch.randn(1, 2, 9, 3, dtype=F64, generator=g)
+    mask = torch.rand(1, 1, 5, 9, generator=g) > 0.4
+    mask[:, :, 0] = False  # a row that sees nothing
+    oa, la = partial_attention(q, k[:, :, :4], v[:, :, :4], scale=0.5, mask=mask[..., :4])
+    ob, lb = partial_attention(q, k[:, :, 4:], v[:, :, 4:], scale=0.5, mask=mask[..., 4:])
+    want, want_lse = merge_partials(oa, la, ob, lb)
+    got, lse = merge_partials(oa, la, ob, lb, inplace=True)
+    assert got.data_ptr() == oa.data_ptr()
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch.testing.assert_close(lse, want_lse, atol=0, rtol=0)

@@ -34,6 +34,13 @@ def test_overlapping_spans_bias_on_last_keys_keep_mask_buffers(dtype):
     assert got.data_ptr() == out.data_ptr()
     tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(got.double(), reference(q, k, v, 0.3, visible), **tol)
+    # The same call with each row's log-sum-exp (for merging with attention over other keys).
+    out2 = torch.full((n, T, Dv), float("nan"), dtype=dtype)
+    got2, lse = tile_attention(q, k, v, scale=0.3, bias=bias, keep=keep, out=out2, scores=scores, return_lse=True)
+    assert got2.data_ptr() == out2.data_ptr()
+    torch.testing.assert_close(got2.double(), reference(q, k, v, 0.3, visible), **tol)
+    s = ((q.double() @ k.double().transpose(1, 2)) * 0.3).masked_fill(~visible, float("-inf"))
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), **tol)
 
 
 def test_used_only_where_it_was_measured():

@@ -124,6 +124,9 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     # On CUDA auto prefers Flex; the tile-gather torch path runs everywhere (and, on CPU,
     # measured faster than compiled Flex).
     "block_sparse": ("flex", "torch", "math"),
+    # The selection feeds a Flex BlockMask on CUDA; block_sparse's tiled kernel elsewhere.
+    "topk_block": ("flex", "torch", "math"),
+    "hybrid": ("torch", "math"),
     # Chunkwise / sums-once first; the quadratic math form only when weights are asked for.
     "linear": ("torch", "math"),
     "performer": ("torch", "math"),

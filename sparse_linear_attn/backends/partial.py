@@ -62,12 +62,14 @@ def partial_attention(
 
 
 def merge_partials(
-    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor, *, inplace: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention over the union of two disjoint key parts, from each part's ``(out, lse)``.
 
     ``out_*`` ``(..., Nq, Dv)``, ``lse_*`` ``(..., Nq)``; ``−inf`` marks a part a row does not
-    see. Returns ``(out, lse)`` of the union, in the inputs' dtype.
+    see. Returns ``(out, lse)`` of the union, in the inputs' dtype. ``inplace`` (no autograd):
+    the result is written into ``out_a`` and ``out_b`` is overwritten, so no output-sized
+    buffer is allocated.
     """
     lse = torch.logaddexp(lse_a, lse_b)
     seen = torch.isfinite(lse)
@@ -75,4 +77,6 @@ def merge_partials(
     # exp(−inf − ref) = 0 drops a part a row does not see; rows unseen in both stay 0 (ref = 0).
     wa = torch.exp(lse_a - ref)[..., None]
     wb = torch.exp(lse_b - ref)[..., None]
+    if inplace:
+        return out_a.mul_(wa).add_(out_b.mul_(wb)), lse
     return out_a * wa + out_b * wb, lse

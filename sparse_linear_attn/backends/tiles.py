@@ -30,7 +30,8 @@ def tile_attention(
     keep: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     scores: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``softmax(q·kᵀ·scale + bias)·v`` for ``n`` tiles at once.
 
     q ``(n, Tq, D)``, k ``(n, L, D)``, v ``(n, L, Dv)`` — any strides a ``bmm`` accepts, so
@@ -39,7 +40,9 @@ def tile_attention(
     broadcastable to ``(n, Tq, L)``, False hides a key. Every query must keep at least one key.
     Writes into ``out`` ``(n, Tq, Dv)`` when given. ``scores``: a float buffer used for the
     scores when it holds at least ``n·Tq·L`` elements (a caller looping over groups lends the
-    same one, which stays in cache). Cost O(n·Tq·L·(D + Dv)) time, O(n·Tq·L) memory.
+    same one, which stays in cache). With ``return_lse`` also each row's log-sum-exp of its
+    (scaled, biased) scores ``(n, Tq)``, for merging with attention over other keys
+    (:mod:`sparse_linear_attn.backends.partial`). Cost O(n·Tq·L·(D + Dv)) time, O(n·Tq·L) memory.
     """
     n, tq, L = q.shape[0], q.shape[1], k.shape[1]
     if scores is not None and scores.numel() >= n * tq * L:
@@ -51,6 +54,12 @@ def tile_attention(
         s[:, :, L - bias.shape[-1] :] += bias
     if keep is not None:
         s.masked_fill_(~keep, float("-inf"))
+    top = s.amax(-1) if return_lse else None
     # In place: a second score-sized buffer per call cost ~15% (allocation and page faults).
     torch.softmax(s, dim=-1, out=s)
-    return torch.bmm(s, v, out=out)
+    o = torch.bmm(s, v, out=out)
+    if top is None:
+        return o
+    # lse = s_j − log p_j for any key j; at the largest score p_j ≥ 1/L, so the log is well
+    # conditioned, and two reading passes replace a spelled-out softmax.
+    return o, top - s.amax(-1).log()

@@ -74,7 +74,7 @@ def full_xformers(q, k, v, *, causal, key_padding_mask, scale, return_weights=Fa
     return out, None
 
 
-def sliding_window_xformers(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window):
+def sliding_window_xformers(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window, sinks=0):
     """``sliding_window`` through xformers' local-attention bias (CUDA, fp16/bf16), see
     :func:`sliding_window_bias`. Queries whose window holds no key get zeros, as everywhere in
     this library.

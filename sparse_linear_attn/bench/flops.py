@@ -107,26 +107,22 @@ def count_flops(
 ) -> dict[str, Any]:
     """``{"flops", "avg_visible_keys", "flops_method"}`` (flops None where no count is defined).
 
-    Data-dependent variants (whose entries depend on the inputs) are counted from ``selection``
-    (the ``sla.selection`` of the measured inputs): each computed entry, exact or compressed,
-    costs ``2·(D + Dv)`` like any score-and-value pair; the estimator that chose them is not
-    counted (the method says so).
+    Data-dependent variants (``topk_block``, ``hybrid``) are counted from ``selection`` (the
+    ``sla.selection`` of the measured inputs): each computed entry, exact or compressed, costs
+    ``2·(D + Dv)`` like any score-and-value pair, plus the built-in estimator's logits
+    (:func:`selection_flops`; a user estimator is not counted, and the method says so).
     """
     spec = registry.get(name)
     out: dict[str, Any] = {"flops": None, "avg_visible_keys": None, "flops_method": None}
     resolved = spec.resolve_params(dict(params))
-    if getattr(spec, "data_dependent", False):
+    if spec.data_dependent:
         if selection is None:
             out["flops_method"] = "not counted: a data-dependent variant is counted from the selection of its inputs"
             return out
-        reach, _ = avg_visible_keys("full", {}, nq, nk, causal)
-        kbar = (selection.density + (selection.compressed_density or 0.0)) * reach
-        fwd = 2.0 * batch * heads * nq * kbar * (head_dim + v_dim)
-        out.update(
-            avg_visible_keys=kbar,
-            flops_method=f"from the selection: density {selection.density:.4f} exact + "
-            f"{selection.compressed_density or 0.0:.4f} compressed entries (estimator not counted)",
+        fwd, kbar, method = selection_flops(
+            selection, resolved, batch=batch, heads=heads, head_dim=head_dim, v_dim=v_dim
         )
+        out.update(avg_visible_keys=kbar, flops_method=method)
     elif spec.exact and spec.module is None:
         try:
             kbar, method = avg_visible_keys(name, resolved, nq, nk, causal)
@@ -155,6 +151,49 @@ def count_flops(
         return out
     out["flops"] = fwd * (1.0 + BACKWARD_FACTOR) if backward else fwd
     return out
+
+
+def estimator_flops(name: str, params: Mapping[str, Any], *, batch: int, heads: int, nq: int, nk: int,
+                    head_dim: int, causal: bool) -> float | None:  # fmt: skip
+    """Multiply-add FLOPs of a built-in estimator's logits (``2·rows·units·width`` over the
+    (query block, key block) pairs it may score); None for a user estimator."""
+    from ..estimators import num_blocks, scoreable_blocks
+
+    bs, est = params["block_size"], params["estimator"]
+    strict = causal and params.get("selection", "strict") == "strict"
+    pairs = (
+        float(scoreable_blocks(nq, nk, bs, strict).sum()) if strict else float(num_blocks(nq, bs) * num_blocks(nk, bs))
+    )
+    per_pair = {
+        "mean_pool": 2.0 * head_dim,  # one pooled query · one pooled key
+        "key_pool": 2.0 * bs * head_dim,  # bs queries · one pooled key
+        "antidiagonal": 2.0 * bs * bs * head_dim / params.get("stride", 8),  # (bs/S)² cells of S·D
+        "oracle": 2.0 * bs * bs * head_dim,  # every score
+    }.get(est)
+    return None if per_pair is None else batch * heads * pairs * per_pair
+
+
+def selection_flops(selection: Any, params: Mapping[str, Any], *, batch: int, heads: int, head_dim: int,
+                    v_dim: int) -> tuple[float, float, str]:  # fmt: skip
+    """``(forward FLOPs, average entries per query, method)`` of a data-dependent call from its
+    selection: ``2·(exact + compressed entries)·(D + Dv)`` plus the estimator's logits."""
+    from ..variants.full import full_visible_keys
+
+    nq, nk, causal = selection.nq, selection.nk, selection.causal
+    reachable = full_visible_keys(nq, nk, causal=causal)  # per query, no padding in benchmarks
+    kbar = (selection.density + selection.compressed_density) * reachable
+    fwd = 2.0 * batch * heads * nq * kbar * (head_dim + v_dim)
+    method = (
+        f"from the selection: density {selection.density:.4f} exact + {selection.compressed_density:.4f} "
+        "compressed entries"
+    )
+    name = params.get("estimator")
+    if name is None or "block_size" not in params:  # a user's data-dependent variant
+        return fwd, kbar, method + " (what chose them not counted)"
+    est = estimator_flops(name, params, batch=batch, heads=heads, nq=nq, nk=nk, head_dim=head_dim, causal=causal)
+    if est is None:
+        return fwd, kbar, method + f"; estimator {name!r} not counted"
+    return fwd + est, kbar, method + f", plus the {name} estimator's logits ({est:.3g})"
 
 
 def oracle_flops(

@@ -47,6 +47,8 @@ CSV_FIRST = [
     "recall_p5",
     "rel_error_backend",
     "e2e_cosine",
+    "density",
+    "compressed_density",
 ]
 SERIES_EXTRA = ("dtype", "device", "causal", "inputs", "backward", "batch", "heads", "head_dim", "temperature", "texts")
 

@@ -51,7 +51,8 @@ class WindowCache(Cache):
         """Positions held now: sinks ``0 .. a − 1`` and the ring's ``b .. seq_len − 1``, as
         ``(a, b, seq_len)``."""
         p = self.seq_len
-        return min(self.sinks, p), max(self.sinks, p - self.window), p
+        a = min(self.sinks, p)  # fewer than ``sinks`` positions so far: all of them are sinks
+        return a, max(a, p - self.window), p
 
     def _gather(self, k, v, given):
         """The kept keys then the new ones, in position order: ``(keys, values, kpm or None,

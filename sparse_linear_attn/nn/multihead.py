@@ -71,8 +71,9 @@ def _keep_variant_in_torch_layers(module, args):
 
 def dense_capable(spec: registry.VariantSpec) -> bool:
     """An exact variant without learned parameters: softmax attention over a known pattern, so an
-    arbitrary mask, a score bias or attention dropout can be honoured on the dense path."""
-    return spec.exact and spec.module is None
+    arbitrary mask, a score bias or attention dropout can be honoured on the dense path. A
+    data-dependent variant (``topk_block``) chooses its pattern from the inputs, not known here."""
+    return spec.exact and spec.module is None and not spec.data_dependent
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,8 @@ class MultiheadAttention(nn.Module):
 
         if not dense_capable(spec):
             why = f"variant {spec.name!r} is not exact softmax attention over a dense pattern"
+            if spec.data_dependent:
+                why = f"variant {spec.name!r} chooses its pattern from the inputs (no fixed dense pattern)"
             if positional == "alibi":
                 raise ValueError(
                     f"positional='alibi' adds a bias to attention scores, but {why}, so it has no "

@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from ..backends.dropout import Dropout, dropout_attention, query_rows
 from ..backends.flex import block_mask_from_layout, cached_block_mask, flex_run, flex_skip_in_auto
 from ..backends.math import dense_attention
+from ..backends.partial import partial_attention
 from ..backends.sdpa import masked_sdpa, open_empty_rows
 from ..backends.tiles import tile_attention, use_bmm_tiles
 from ..errors import ParameterError, unknown_name_message
@@ -216,19 +217,24 @@ class _TilePlan:
     nk: int
     causal: bool
     scale: float
-    per_head: bool  # layout (H, nqb, nkb): rows are head·nqb + block, one head each
+    # "shared": layout (nqb, nkb), rows are query blocks, every batch row and head at once;
+    # "head": layout (H, nqb, nkb), rows are head·nqb + block, one head each;
+    # "batch_kv": layout (B, Hkv, nqb, nkb), rows are (b·Hkv + kv head)·nqb + block, each with
+    # the query heads of its kv head (they share the gathered tiles).
+    rows: str
     counts: torch.Tensor  # (rows,) visible key blocks of each row
     cols: torch.Tensor  # (rows, nkb) key blocks of each row, visible ones first
     # A query can end up seeing nothing (padding, a causal offset off the block grid): such
     # rows are opened to every key and zeroed afterwards (backends.sdpa.open_empty_rows).
     fix_empty: bool
     bmm: bool  # run tiles through tile_attention (CPU, no grad, float32/64) instead of SDPA
+    lse: bool = False  # also return each query's log-sum-exp (float32 at least; −inf: no key)
     dropout: Dropout | None = None  # attention dropout: groups run dropout_attention
     # (k tiles, v tiles, scores) buffers lent to every group when there is no autograd.
     bufs: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
 
-def _group_mask(plan: _TilePlan, kpm, rows, kb, nqp: int, nkp: int) -> torch.Tensor:
+def _group_mask(plan: _TilePlan, kpm, rows, kb, nqp: int, nkp: int, kv_heads: int) -> torch.Tensor:
     """Bool ``(B|1, g, bs|1, c·bs)``: which gathered keys each query of the group may see."""
     bs, nk, dev = plan.bs, plan.nk, rows.device
     g, c = kb.shape
@@ -244,20 +250,43 @@ def _group_mask(plan: _TilePlan, kpm, rows, kb, nqp: int, nkp: int) -> torch.Ten
         limit = torch.full((g, 1), nk - 1, device=dev)
     mask = (j[:, None, :] <= limit[:, :, None])[None]
     if kpm is not None:
-        mask = mask & ~kpm[:, j.clamp(max=nkp - 1)][:, :, None, :]
+        j = j.clamp(max=nkp - 1)
+        if plan.rows == "batch_kv":  # each row belongs to one batch row
+            b = rows // (nqp // bs) // kv_heads
+            mask = mask & ~kpm[b[:, None], j][None, :, None, :]
+        else:
+            mask = mask & ~kpm[:, j][:, :, None, :]
     return mask
+
+
+def _group_heads(plan: _TilePlan, rows, B: int, H: int, Hkv: int, nqb: int):
+    """``(batch, query heads, kv heads)`` index tensors of a group's rows, broadcastable to
+    ``(B', g, H')`` and ``(B', g, Hk')`` (``B' = 1`` when each row has its own batch row)."""
+    dev = rows.device
+    if plan.rows == "batch_kv":
+        bk = rows // nqb  # b·Hkv + kv head
+        hk = (bk % Hkv)[None, :, None]
+        return (bk // Hkv)[None, :, None], hk * (H // Hkv) + torch.arange(H // Hkv, device=dev), hk
+    bi = torch.arange(B, device=dev)[:, None, None]
+    if plan.rows == "head":
+        h = (rows // nqb)[None, :, None]  # (1, g, 1)
+        return bi, h, h // (H // Hkv)
+    return bi, torch.arange(H, device=dev)[None, None, :], torch.arange(Hkv, device=dev)[None, None, :]
 
 
 def _group(plan: _TilePlan, q, k, v, kpm, rows, mask_kind: str | None, diagonal=None):
     """Attention of one group of rows over their gathered key tiles.
 
-    Returns ``(out, qidx)``: ``out (B·g·H', bs, Dv)`` and the rows of ``q.view(-1, bs, D)`` it
-    belongs to. Shared layout: ``rows`` are query blocks and all heads run together
-    (grouped-query heads share their key tiles, ``H' = H``). Per-head layout: ``rows`` are flat
-    ``head·nqb + block`` indices (``H' = 1``). Tiles are gathered with ``index_select`` on whole
-    ``(bs, D)`` tiles, straight into the kernel's layout. ``mask_kind``: ``None`` (every
-    gathered key visible), ``"diagonal"`` (all visible but the last tile, the causal diagonal;
-    ``diagonal`` is its prebuilt additive mask) or ``"general"`` (a mask built per row).
+    Returns ``(out, lse, qidx)``: ``out (B'·g·H', bs·Dv)``, each query's log-sum-exp
+    ``(B'·g·H', bs)`` when ``plan.lse`` (else None), and the rows of ``q.view(-1, bs, D)`` they
+    belong to. Shared layout: ``rows`` are query blocks and all batch rows and heads run
+    together (grouped-query heads share their key tiles, ``H' = H``). Per-head layout: ``rows``
+    are flat ``head·nqb + block`` indices (``H' = 1``). Per (batch, kv head): ``rows`` are flat
+    ``(b·Hkv + kv head)·nqb + block`` indices with the kv head's query heads (``B' = 1``,
+    ``H' = H/Hkv``). Tiles are gathered with ``index_select`` on whole ``(bs, D)`` tiles,
+    straight into the kernel's layout. ``mask_kind``: ``None`` (every gathered key visible),
+    ``"diagonal"`` (all visible but the last tile, the causal diagonal; ``diagonal`` is its
+    prebuilt additive mask) or ``"general"`` (a mask built per row).
     """
     bs = plan.bs
     B, H, nqp, D = q.shape
@@ -267,28 +296,23 @@ def _group(plan: _TilePlan, q, k, v, kpm, rows, mask_kind: str | None, diagonal=
     g = rows.shape[0]
     c = int(plan.counts[rows].max())
     kb = plan.cols[rows, :c]  # (g, c) key blocks of each row, visible ones first
-    bi = torch.arange(B, device=dev)[:, None, None]
-    if plan.per_head:
-        h = (rows // nqb)[None, :, None]  # (1, g, 1)
-        hk = h // (H // Hkv)
-    else:
-        h = torch.arange(H, device=dev)[None, None, :]
-        hk = torch.arange(Hkv, device=dev)[None, None, :]
-    qidx = ((bi * H + h) * nqb + (rows % nqb)[None, :, None]).flatten()  # (B·g·H')
-    kidx = (((bi * Hkv + hk) * nkb)[..., None] + kb[None, :, None, :]).flatten()  # (B·g·Hk'·c)
+    bi, h, hk = _group_heads(plan, rows, B, H, Hkv, nqb)
+    nb = bi.shape[0]
+    qidx = ((bi * H + h) * nqb + (rows % nqb)[None, :, None]).flatten()  # (B'·g·H')
+    kidx = (((bi * Hkv + hk) * nkb)[..., None] + kb[None, :, None, :]).flatten()  # (B'·g·Hk'·c)
     hq_, hk_ = h.shape[-1], hk.shape[-1]
-    qg = q.reshape(-1, bs * D).index_select(0, qidx).view(B * g, hq_, bs, D)
+    qg = q.reshape(-1, bs * D).index_select(0, qidx).view(nb * g, hq_, bs, D)
     # Without autograd the caller lends reusable buffers: they stay warm in cache.
     bufs = plan.bufs if plan.bufs is not None and plan.bufs[0].shape[0] >= kidx.shape[0] else None
     kbuf, vbuf = (bufs[0][: kidx.shape[0]], bufs[1][: kidx.shape[0]]) if bufs is not None else (None, None)
-    kg = torch.index_select(k.reshape(-1, bs * D), 0, kidx, out=kbuf).view(B * g, hk_, c * bs, D)
-    vg = torch.index_select(v.reshape(-1, bs * Dv), 0, kidx, out=vbuf).view(B * g, hk_, c * bs, Dv)
+    kg = torch.index_select(k.reshape(-1, bs * D), 0, kidx, out=kbuf).view(nb * g, hk_, c * bs, D)
+    vg = torch.index_select(v.reshape(-1, bs * Dv), 0, kidx, out=vbuf).view(nb * g, hk_, c * bs, Dv)
     L = c * bs
     gqa = hq_ != hk_
-    mask = None
+    mask = lse = None
     if mask_kind == "general":
-        mask = _group_mask(plan, kpm, rows, kb, nqp, nkp)
-        mask = mask.expand(B, g, mask.shape[2], L).reshape(B * g, 1, mask.shape[2], L)
+        mask = _group_mask(plan, kpm, rows, kb, nqp, nkp, Hkv)
+        mask = mask.expand(nb, g, mask.shape[2], L).reshape(nb * g, 1, mask.shape[2], L)
     if plan.dropout is not None:
         # Global rows (b·H + h)·Nq + i and key positions of the gathered tiles, for the mask hash;
         # padding rows and slots (i ≥ Nq, unused or j ≥ Nk) are masked or dropped anyway.
@@ -297,11 +321,11 @@ def _group(plan: _TilePlan, q, k, v, kpm, rows, mask_kind: str | None, diagonal=
         j = (kb[:, :, None] * bs + torch.arange(bs, device=dev)).flatten(1)  # (g, c·bs)
         out = dropout_attention(
             qg, kg, vg, scale=plan.scale, mask=mask, dropout=plan.dropout,
-            rows=qrows.reshape(B * g, hq_, bs, 1), cols=j[None].expand(B, g, L).reshape(B * g, 1, 1, L),
+            rows=qrows.reshape(nb * g, hq_, bs, 1), cols=j[None].expand(nb, g, L).reshape(nb * g, 1, 1, L),
         )  # fmt: skip
     elif plan.bmm:
         # Query heads that share a key/value head are stacked, so each gathered tile is read once.
-        rep, n = hq_ // hk_, B * g * hk_
+        rep, n = hq_ // hk_, nb * g * hk_
         bias = keep = seen = None
         if mask_kind == "diagonal":
             # Just the (bs, bs) triangle, added to the last tile's scores.
@@ -310,18 +334,25 @@ def _group(plan: _TilePlan, q, k, v, kpm, rows, mask_kind: str | None, diagonal=
         elif mask is not None:
             if plan.fix_empty:  # tile_attention needs a visible key in every row
                 mask, seen = open_empty_rows(mask)
-            keep = mask[:, :, None].expand(B * g, hk_, rep, bs, L).reshape(n, rep * bs, L)
-        out = tile_attention(
-            qg.reshape(n, rep * bs, D),
-            kg.reshape(n, L, D),
-            vg.reshape(n, L, Dv),
-            scale=plan.scale,
-            bias=bias,
-            keep=keep,
-            scores=bufs[2] if bufs is not None else None,
-        ).view(B * g, hq_, bs, Dv)
+            keep = mask[:, :, None].expand(nb * g, hk_, rep, bs, L).reshape(n, rep * bs, L)
+        result = tile_attention(
+            qg.reshape(n, rep * bs, D), kg.reshape(n, L, D), vg.reshape(n, L, Dv), scale=plan.scale, bias=bias,
+            keep=keep, scores=bufs[2] if bufs is not None else None, return_lse=plan.lse,
+        )  # fmt: skip
+        if isinstance(result, tuple):  # plan.lse
+            out, lse = result[0].view(nb * g, hq_, bs, Dv), result[1].view(nb * g, hq_, bs)
+        else:
+            out = result.view(nb * g, hq_, bs, Dv)
         if seen is not None:
             out = out * seen.to(out.dtype)
+            if lse is not None:
+                lse = lse.masked_fill(~seen[..., 0], float("-inf"))
+    elif plan.lse:
+        # Explicit scores, to keep each row's log-sum-exp (rows seeing nothing: 0 and −inf).
+        if mask_kind == "diagonal":
+            mask = (diagonal if diagonal is not None else _diagonal_mask(c, bs, q.dtype, dev)) == 0
+        out, lse = partial_attention(qg, kg, vg, scale=plan.scale, mask=mask)
+        out = out.to(q.dtype)
     elif mask is not None and plan.fix_empty:
         out = masked_sdpa(qg, kg, vg, mask=mask, scale=plan.scale)
     else:
@@ -329,7 +360,7 @@ def _group(plan: _TilePlan, q, k, v, kpm, rows, mask_kind: str | None, diagonal=
         if mask_kind == "diagonal":
             mask = diagonal if diagonal is not None else _diagonal_mask(c, bs, q.dtype, dev)
         out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=plan.scale, enable_gqa=gqa)
-    return out.reshape(B * g * hq_, bs * Dv), qidx
+    return out.reshape(nb * g * hq_, bs * Dv), (None if lse is None else lse.reshape(-1, bs)), qidx
 
 
 def _groups(widths: list[int], simple: list[bool], *, blocks_per_group: int, uniform_ok: bool, causal: bool):
@@ -370,21 +401,27 @@ def block_attention(
     causal: bool,
     key_padding_mask: torch.Tensor | None,
     scale: float,
+    return_lse: bool = False,
     dropout: Dropout | None = None,
-) -> torch.Tensor:
+) -> Any:
     """Exact softmax attention over the ``block_size`` tiles a block layout allows: the tiled
     kernel of the ``torch`` backend (see the module docstring for the math and the cost).
     ``dropout``: attention dropout on each tile's weights (positional mask, as ``math``'s).
 
     q ``(B, H, Nq, D)``, k ``(B, Hkv, Nk, D)``, v ``(B, Hkv, Nk, Dv)``; ``layout`` bool
-    ``(Nq_blocks, Nk_blocks)`` or per head ``(H, Nq_blocks, Nk_blocks)``. Returns ``out``
-    ``(B, H, Nq, Dv)``; a query that sees no key gets a zero row.
+    ``(Nq_blocks, Nk_blocks)``, per head ``(H, Nq_blocks, Nk_blocks)``, or per batch row and kv
+    head ``(B, Hkv, Nq_blocks, Nk_blocks)`` (a data-dependent selection: the query heads of a kv
+    head share its layout, so each gathered K/V tile serves all of them). Returns ``out``
+    ``(B, H, Nq, Dv)``; a query that sees no key gets a zero row. With ``return_lse``, returns
+    ``(out, lse)`` with each query's log-sum-exp ``(B, H, Nq)`` in float32 at least (``−inf``
+    where it sees no key), for merging with attention over other keys
+    (:func:`~sparse_linear_attn.backends.partial.merge_partials`).
     """
     B, H, nq, D = q.shape
     Hkv, nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     bs = block_size
     dev = q.device
-    per_head = layout.dim() == 3
+    rows = {2: "shared", 3: "head", 4: "batch_kv"}[layout.dim()]
     order, counts, cols, simple = _row_plan(layout.cpu(), causal, nq, nk, bs)
     widths, kinds = counts[order].tolist(), simple[order].tolist()
     nqb, nkb = _blocks(nq, bs), _blocks(nk, bs)
@@ -399,16 +436,22 @@ def block_attention(
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     off = causal_offset(nq, nk)
     plan = _TilePlan(
-        bs=bs, nq=nq, nk=nk, causal=causal, scale=scale, per_head=per_head, counts=counts.to(dev),
-        cols=cols.to(dev), fix_empty=kpm is not None or (causal and (off % bs != 0 or nq > nk)),
-        bmm=use_bmm_tiles(q, grad) and dropout is None, dropout=dropout,
+        bs=bs, nq=nq, nk=nk, causal=causal, scale=scale, rows=rows, counts=counts.to(dev), cols=cols.to(dev),
+        fix_empty=kpm is not None or (causal and (off % bs != 0 or nq > nk)),
+        bmm=use_bmm_tiles(q, grad) and dropout is None, lse=return_lse, dropout=dropout,
     )  # fmt: skip
     budget = group_budget(dev, grad)
     # Elements per key block of one row: its k and v tiles (all kv heads when shared) and, with
     # bmm, its (bs, bs) score tiles (all query heads); the budget bounds the largest of them.
     # With dropout, a group's explicit weights and their int64 mask hash: several (bs, bs) per tile.
     tile_dim = max(D, Dv, bs if plan.bmm else 0, 4 * bs if dropout is not None else 0)
-    per_block = B * bs * tile_dim * (1 if per_head else max(H, Hkv))
+    # Per (batch, kv head) rows count all three, k, v and score tiles: their groups were
+    # measured ~12 % faster kept that small (a selection's rows reuse few tiles; see docs/adaptive.md).
+    per_block = {
+        "shared": B * bs * tile_dim * max(H, Hkv),
+        "head": B * bs * tile_dim,
+        "batch_kv": bs * (D + Dv + ((H // Hkv) * bs if plan.bmm else 0) + (4 * bs if dropout is not None else 0)),
+    }[rows]
     groups = list(
         _groups(
             widths, kinds, blocks_per_group=budget // per_block, causal=causal,
@@ -421,15 +464,22 @@ def block_attention(
         out = q.new_zeros(B * H * nqb, bs * Dv)  # rows that see no block stay zero
     else:
         out = q.new_empty(B * H * nqb, bs * Dv)  # every row is written below
+    work = torch.promote_types(q.dtype, torch.float32)
+    lse = torch.full((B * H * nqb, bs), float("-inf"), dtype=work, device=dev) if return_lse else None
     if grad:
-        pieces, done = [], []
+        pieces, lses, done = [], [], []
         for start, stop, kind in groups:
             # Recomputed in backward: the gathered tiles are not kept for the whole sequence.
-            piece, qidx = checkpoint(_group, plan, qp, kp, vp, kpm, order[start:stop], kind, use_reentrant=False)
+            piece, piece_lse, qidx = checkpoint(
+                _group, plan, qp, kp, vp, kpm, order[start:stop], kind, use_reentrant=False
+            )
             pieces.append(piece)
+            lses.append(piece_lse)
             done.append(qidx)
         if pieces:
             out = out.index_copy(0, torch.cat(done), torch.cat(pieces))
+            if lse is not None:
+                lse = lse.index_copy(0, torch.cat(done), torch.cat(lses))
         else:
             # No query sees any block: zeros, still in the graph (zero gradients); empty sums, as
             # 0·sum would turn a non-finite input into NaN.
@@ -439,9 +489,10 @@ def block_attention(
         # never more than the call can need (a group pads its rows to its widest, so every row at
         # the widest bounds any group). With bmm, each gathered tile meets one (bs, bs) score
         # tile per query head sharing it.
-        per_row, widest = B * (1 if per_head else Hkv), max(widths)
+        per_row = {"shared": B * Hkv, "head": B, "batch_kv": 1}[rows]
+        widest = max(widths)
         tiles = min(max(budget // (bs * tile_dim), widest * per_row), (len(widths) - groups[0][0]) * widest * per_row)
-        scores = qp.new_empty(tiles * bs * bs * (1 if per_head else H // Hkv)) if plan.bmm else None
+        scores = qp.new_empty(tiles * bs * bs * (1 if rows == "head" else H // Hkv)) if plan.bmm else None
         plan.bufs = (qp.new_empty(tiles, bs * D), qp.new_empty(tiles, bs * Dv), scores)
         diagonals: dict[int, torch.Tensor] = {}  # additive diagonal masks by row width, built once
         for start, stop, kind in groups:
@@ -451,10 +502,14 @@ def block_attention(
                 if tiles_masked not in diagonals:
                     diagonals[tiles_masked] = _diagonal_mask(tiles_masked, bs, q.dtype, dev)
                 diagonal = diagonals[tiles_masked]
-            piece, qidx = _group(plan, qp, kp, vp, kpm, order[start:stop], kind, diagonal)
+            piece, piece_lse, qidx = _group(plan, qp, kp, vp, kpm, order[start:stop], kind, diagonal)
             out.index_copy_(0, qidx, piece)
-    out = out.view(B, H, nqb * bs, Dv)
-    return out[:, :, :nq] if nq % bs else out
+            if lse is not None:
+                lse.index_copy_(0, qidx, piece_lse)
+    out = out.view(B, H, nqb * bs, Dv)[:, :, :nq]
+    if lse is None:
+        return out
+    return out, lse.view(B, H, nqb * bs)[:, :, :nq]
 
 
 def block_sparse_torch(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, dropout=None, **params):

@@ -1,6 +1,7 @@
 """``sliding_window`` — exact softmax attention inside a band of ``window`` keys on each side.
 
     query i sees key j  iff  i' − window ≤ j ≤ i' + window        (causal: i' − window ≤ j ≤ i')
+                         or  j < sinks                             (causal: and j ≤ i')
     with i' = i + Nk − Nq  (bottom-right alignment, as for ``causal`` everywhere)
 
     out_i = Σ_j softmax_j(q_i·k_j·scale over the visible j) v_j
@@ -23,6 +24,11 @@ SDPA and is recomputed in backward. Only tiles at the sequence edges, and calls 
 padding mask, need a per-tile mask (and run through SDPA). With attention dropout every group
 copies its spans and runs :func:`~sparse_linear_attn.backends.dropout.dropout_attention`
 (explicit tile weights, the positional mask of the ``math`` backend), with or without grad.
+
+``sinks`` (StreamingLLM's attention sinks) adds the first keys to every query's window. The
+band is then computed with each query's log-sum-exp (``tile_attention``'s, or explicit scores
+where SDPA ran) and merged with the attention over the sink keys outside the band — an
+O(Nq·sinks) part — by :func:`~sparse_linear_attn.backends.partial.merge_partials`.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from ..backends.dropout import Dropout, dropout_attention, query_rows
 from ..backends.flex import block_mask_from_layout, cached_block_mask, flex_run, flex_skip_in_auto
 from ..backends.math import dense_attention
+from ..backends.partial import merge_partials, partial_attention
 from ..backends.sdpa import masked_sdpa
 from ..backends.tiles import tile_attention, use_bmm_tiles
 from ..backends.xformers_backend import no_key_padding, sliding_window_xformers
@@ -50,22 +57,32 @@ GROUP_ELEMENTS = 1 << 23
 SCORE_ELEMENTS = 1 << 19
 
 
-def sliding_window_mask(nq: int, nk: int, *, causal: bool = False, window: int = 256) -> torch.Tensor:
+def sliding_window_mask(nq: int, nk: int, *, causal: bool = False, window: int = 256, sinks: int = 0) -> torch.Tensor:
     """Bool ``(nq, nk)``: True where query ``i`` may see key ``j`` (the definition above). O(nq·nk)."""
     i = torch.arange(nq)[:, None] + causal_offset(nq, nk)
-    d = torch.arange(nk)[None, :] - i
-    return (d >= -window) & (d <= (0 if causal else window))
+    j = torch.arange(nk)[None, :]
+    d = j - i
+    band = (d >= -window) & (d <= (0 if causal else window))
+    return band | ((j < sinks) & ((j <= i) if causal else True))
 
 
-def sliding_window_visible_keys(nq: int, nk: int, *, causal: bool = False, window: int = 256) -> float:
-    """Average keys per query of the band, edges included, in O(Nq) without a mask."""
+def sliding_window_visible_keys(nq: int, nk: int, *, causal: bool = False, window: int = 256, sinks: int = 0) -> float:
+    """Average keys per query of the band and the sinks, edges included, in O(Nq) without a mask."""
     i = torch.arange(nq, dtype=torch.float64) + causal_offset(nq, nk)
     lo = (i - window).clamp_min(0)
     hi = (i if causal else i + window).clamp_max(nk - 1)
-    return float((hi - lo + 1).clamp_min(0).mean())
+    band = (hi - lo + 1).clamp_min(0)
+    # Sinks [0, s) (causal: those ≤ i) that the band [lo, hi] does not already hold.
+    s = torch.full_like(i, float(min(sinks, nk)))
+    if causal:
+        s = torch.minimum(s, i + 1).clamp_min(0)
+    inside = (torch.minimum(s - 1, hi) - lo + 1).clamp_min(0)
+    return float((band + s - inside).mean())
 
 
-def sliding_window_reference(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window, dropout=None):
+def sliding_window_reference(
+    q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window, sinks=0, dropout=None
+):
     """Dense masked softmax: the ``math`` backend (O(Nq·Nk)), the one that returns weights."""
     nq, nk = q.shape[2], k.shape[2]
     mask = full_visibility(
@@ -73,7 +90,7 @@ def sliding_window_reference(q, k, v, *, causal, key_padding_mask, scale, return
         nk,
         causal=causal,
         key_padding_mask=key_padding_mask,
-        pattern=sliding_window_mask(nq, nk, causal=causal, window=window).to(q.device),
+        pattern=sliding_window_mask(nq, nk, causal=causal, window=window, sinks=sinks).to(q.device),
     )
     return dense_attention(q, k, v, scale=scale, mask=mask, return_weights=return_weights, dropout=dropout)
 
@@ -97,8 +114,9 @@ def _span(t: torch.Tensor, start: int, stop: int, fill) -> torch.Tensor:
     return torch.cat(parts, dim=2)
 
 
-def _tile_group(q, k, v, kpm, band, t0, g, *, T, wl, wr, offset, scale, dropout: Dropout | None = None):
-    """Attention of query tiles ``t0 .. t0+g-1`` over their key spans: ``(B, H, g·T, Dv)``."""
+def _tile_group(q, k, v, kpm, band, t0, g, *, T, wl, wr, offset, scale, lse=False, dropout: Dropout | None = None):
+    """Attention of query tiles ``t0 .. t0+g-1`` over their key spans: ``(B, H, g·T, Dv)``;
+    with ``lse``, ``(out, lse (B, H, g·T))`` through explicit scores (float32 at least)."""
     B, H, nq, D = q.shape
     Hkv, nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     L = band.shape[1]
@@ -113,13 +131,14 @@ def _tile_group(q, k, v, kpm, band, t0, g, *, T, wl, wr, offset, scale, dropout:
     v4 = vs.permute(0, 2, 1, 4, 3).reshape(B * g, Hkv, L, Dv)
     edge = start < 0 or stop > nk
     j = start + torch.arange(g, device=q.device)[:, None] * T + torch.arange(L, device=q.device)  # (g, L) keys
+    mask = band
+    if edge or kpm is not None:
+        # Per-tile mask: keys outside [0, Nk) or padded never get weight.
+        ok = ((j >= 0) & (j < nk))[None]  # (1, g, L)
+        if kpm is not None:
+            ok = ok & ~_span(kpm[:, None, :], start, stop, True)[:, 0].unfold(1, L, T)  # (B, g, L)
+        mask = (band & ok[:, :, None, :]).expand(B, g, T, L).reshape(B * g, 1, T, L)
     if dropout is not None:
-        mask = band
-        if edge or kpm is not None:
-            ok = ((j >= 0) & (j < nk))[None]  # (1, g, L)
-            if kpm is not None:
-                ok = ok & ~_span(kpm[:, None, :], start, stop, True)[:, 0].unfold(1, L, T)  # (B, g, L)
-            mask = (band & ok[:, :, None, :]).expand(B, g, T, L).reshape(B * g, 1, T, L)
         # Rows beyond Nq (the last tile's padding) are dropped by the caller.
         i = (t0 * T + torch.arange(g * T, device=q.device)).view(1, g, 1, T, 1)
         b = torch.arange(B, device=q.device).view(B, 1, 1, 1, 1)
@@ -127,27 +146,26 @@ def _tile_group(q, k, v, kpm, band, t0, g, *, T, wl, wr, offset, scale, dropout:
         rows = query_rows(b, h, i, heads=H, nq=nq).reshape(B * g, H, T, 1)
         cols = j[None].expand(B, g, L).reshape(B * g, 1, 1, L)
         out = dropout_attention(q4, k4, v4, scale=scale, mask=mask, dropout=dropout, rows=rows, cols=cols)
-    elif edge or kpm is not None:
-        # Per-tile mask: keys outside [0, Nk) or padded never get weight.
-        ok = ((j >= 0) & (j < nk))[None]  # (1, g, L)
-        if kpm is not None:
-            ok = ok & ~_span(kpm[:, None, :], start, stop, True)[:, 0].unfold(1, L, T)  # (B, g, L)
-        mask = (band & ok[:, :, None, :]).expand(B, g, T, L).reshape(B * g, 1, T, L)
+    elif lse:
+        out, row_lse = partial_attention(q4, k4, v4, scale=scale, mask=mask)
+        row_lse = row_lse.reshape(B, g, H, T).transpose(1, 2).reshape(B, H, g * T)
+    elif mask is not band:
         out = masked_sdpa(q4, k4, v4, mask=mask, scale=scale)
     else:
         out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=band, scale=scale, enable_gqa=H != Hkv)
-    out = out.reshape(B, g, H, T, Dv)
-    return out.transpose(1, 2).reshape(B, H, g * T, Dv)
+    out = out.reshape(B, g, H, T, Dv).transpose(1, 2).reshape(B, H, g * T, Dv)
+    return (out, row_lse) if lse else out
 
 
-def _interior_group_into(out, q, k, v, band, t0, g, *, T, wl, offset, scale, bias=None, scores=None):
+def _interior_group_into(out, q, k, v, band, t0, g, *, T, wl, offset, scale, bias=None, scores=None, lse=None):
     """No-grad fast path for tiles whose spans lie inside the sequence: no copies at all.
 
     Tile spans overlap, so they are an ``as_strided`` view of ``k``/``v`` (tiles as the batch
     dim, stride ``T`` rows), read in place; output goes straight to ``out``. With ``bias`` (the
     band as an additive mask) each head runs through :func:`tile_attention`'s ``bmm``s (CPU,
-    float32/64), as many tiles at a time as the ``scores`` buffer holds; else all heads through
-    one SDPA call per batch row.
+    float32/64), as many tiles at a time as the ``scores`` buffer holds, writing each query's
+    log-sum-exp into ``lse (B, H, Nq)`` when given; else all heads through one SDPA call per
+    batch row.
     """
     B, H = q.shape[:2]
     Hkv, D, Dv = k.shape[1], k.shape[3], v.shape[3]
@@ -172,7 +190,10 @@ def _interior_group_into(out, q, k, v, band, t0, g, *, T, wl, offset, scale, bia
                 step = max(1, scores.numel() // (T * L))
                 for i in range(0, g, step):
                     j = min(g, i + step)
-                    tile_attention(qs[i:j], ks[i:j], vs[i:j], scale=scale, bias=bias, out=outs[i:j], scores=scores)
+                    res = tile_attention(qs[i:j], ks[i:j], vs[i:j], scale=scale, bias=bias, out=outs[i:j],
+                                         scores=scores, return_lse=lse is not None)  # fmt: skip
+                    if lse is not None:
+                        lse[b, h, (t0 + i) * T : (t0 + j) * T] = res[1].flatten()
         return
     for b in range(B):
         kb, vb = k[b], v[b]
@@ -192,9 +213,38 @@ def _interior_group_into(out, q, k, v, band, t0, g, *, T, wl, offset, scale, bia
 
 
 def sliding_window_torch(
-    q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window, tile=None, dropout=None
-):
-    """Tiled exact sliding-window attention (see the module docstring for cost and memory)."""
+    q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window, sinks=0, tile=None, dropout=None
+):  # fmt: skip
+    """Tiled exact sliding-window attention (see the module docstring for cost and memory);
+    with ``sinks``, the band's part and the sinks' part merged by their log-sum-exp."""
+    if sinks:
+        out, band_lse = _band(q, k, v, key_padding_mask, causal=causal, scale=scale, window=window, tile=tile,
+                              lse=True)  # fmt: skip
+        sink_out, sink_lse = _sink_part(q, k, v, key_padding_mask, causal=causal, scale=scale, window=window,
+                                        sinks=sinks)  # fmt: skip
+        out, _ = merge_partials(out.to(sink_out.dtype), band_lse, sink_out, sink_lse)
+        return out.to(q.dtype), None
+    band = _band(q, k, v, key_padding_mask, causal=causal, scale=scale, window=window, tile=tile, dropout=dropout)
+    return band, None
+
+
+def _sink_part(q, k, v, kpm, *, causal, scale, window, sinks):
+    """Attention over the first ``sinks`` keys that the band does not hold (causal: at or before
+    the query): ``(out, lse)``, O(Nq·sinks)."""
+    nq, nk = q.shape[2], k.shape[2]
+    s = min(sinks, nk)
+    i = torch.arange(nq, device=q.device)[:, None] + causal_offset(nq, nk)
+    j = torch.arange(s, device=q.device)[None, :]
+    outside = (j < i - window) | (j > (i if causal else i + window))
+    mask = (outside & (j <= i)) if causal else outside
+    mask = mask[None, None]
+    if kpm is not None:
+        mask = mask & ~kpm[:, None, None, :s]
+    return partial_attention(q, k[:, :, :s], v[:, :, :s], scale=scale, mask=mask)
+
+
+def _band(q, k, v, key_padding_mask, *, causal, scale, window, tile=None, lse=False, dropout=None):
+    """The band's attention ``(B, H, Nq, Dv)``, or ``(out, lse)`` with each query's log-sum-exp."""
     B, H, nq, _ = q.shape
     Hkv, nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
@@ -226,35 +276,45 @@ def sliding_window_torch(
         # With grad, recompute each group in the backward pass instead of keeping its gathered
         # k/v copies (and weights), so training memory stays O(N·D) as well. Dropout's mask is a
         # hash of the position, so the recomputation drops what the forward dropped.
+        kw_group = dict(kw, lse=lse, dropout=dropout)
         pieces = [
-            checkpoint(_tile_group, q, k, v, key_padding_mask, band, t0, g, use_reentrant=False, dropout=dropout, **kw)
+            checkpoint(_tile_group, q, k, v, key_padding_mask, band, t0, g, use_reentrant=False, **kw_group)
             if grad
-            else _tile_group(q, k, v, key_padding_mask, band, t0, g, dropout=dropout, **kw)
+            else _tile_group(q, k, v, key_padding_mask, band, t0, g, **kw_group)
             for t0, g in groups
         ]
-        return torch.cat(pieces, dim=2)[:, :, :nq], None
+        if lse:
+            return torch.cat([p[0] for p in pieces], 2)[:, :, :nq], torch.cat([p[1] for p in pieces], 2)[:, :, :nq]
+        return torch.cat(pieces, dim=2)[:, :, :nq]
     out = q.new_empty(B, H, nq, Dv)
+    row_lse = q.new_empty(B, H, nq, dtype=torch.promote_types(q.dtype, torch.float32)) if lse else None
     if use_bmm_tiles(q, grad) and key_padding_mask is None and last > first:
         # bmm tiles go head by head, so they take the whole interior at once (in score-buffer
         # sized steps): grouping across heads would multiply the calls by B·H.
         bias = torch.zeros(band.shape, dtype=q.dtype, device=q.device).masked_fill_(~band, float("-inf"))
         scores = q.new_empty(max(1, min(last - first, SCORE_ELEMENTS // (T * L))) * T * L)
         _interior_group_into(
-            out, q, k, v, band, first, last - first, T=T, wl=wl, offset=offset, scale=scale, bias=bias, scores=scores
-        )
+            out, q, k, v, band, first, last - first, T=T, wl=wl, offset=offset, scale=scale, bias=bias, scores=scores,
+            lse=row_lse,
+        )  # fmt: skip
         groups = [(t0, g) for t0, g in groups if not first <= t0 < last]
     for t0, g in groups:
-        if key_padding_mask is None and first <= t0 and t0 + g <= last:
+        if key_padding_mask is None and first <= t0 and t0 + g <= last and not lse:
             _interior_group_into(out, q, k, v, band, t0, g, T=T, wl=wl, offset=offset, scale=scale)
             continue
-        piece = _tile_group(q, k, v, key_padding_mask, band, t0, g, **kw)
+        piece = _tile_group(q, k, v, key_padding_mask, band, t0, g, lse=lse, **kw)
         stop = min(nq, (t0 + g) * T)
+        if lse:
+            piece, piece_lse = piece
+            assert row_lse is not None
+            row_lse[:, :, t0 * T : stop] = piece_lse[:, :, : stop - t0 * T]
         out[:, :, t0 * T : stop] = piece[:, :, : stop - t0 * T]
-    return out, None
+    return (out, row_lse) if lse else out
 
 
-def _block_layouts(nq, nk, block, wl, wr, device):
-    """Tiles ``(nq_blocks, nk_blocks)`` with any / all entries inside the band (ragged edges partial)."""
+def _block_layouts(nq, nk, block, wl, wr, device, sinks=0, causal=False):
+    """Tiles ``(nq_blocks, nk_blocks)`` with any / all entries inside the band or the sinks
+    (ragged edges partial)."""
     qb = torch.arange(-(-nq // block), device=device)[:, None]
     kb = torch.arange(-(-nk // block), device=device)[None, :]
     off = causal_offset(nq, nk)
@@ -263,6 +323,10 @@ def _block_layouts(nq, nk, block, wl, wr, device):
     d_min, d_max = k_lo - q_hi - off, k_hi - q_lo - off  # range of j − i' over the tile
     any_v = (d_max >= -wl) & (d_min <= wr)
     full = (d_min >= -wl) & (d_max <= wr)
+    if sinks:
+        # Sink keys j < sinks, seen by every query (causal: by those at or after them).
+        any_v |= (k_lo < sinks) & ((k_lo <= q_hi + off) if causal else True)
+        full |= (k_hi < sinks) & ((k_hi <= q_lo + off) if causal else True)
     full &= ((qb + 1) * block <= nq) & ((kb + 1) * block <= nk)
     return any_v, full
 
@@ -271,7 +335,7 @@ def _block_layouts(nq, nk, block, wl, wr, device):
 FLEX_BLOCK = 128
 
 
-def sliding_window_flex(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window):
+def sliding_window_flex(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, window, sinks=0):
     """Compiled FlexAttention with a BlockMask built from the band's tile layout (cached)."""
     nq, nk = q.shape[2], k.shape[2]
     wl, wr = window, (0 if causal else window)
@@ -281,18 +345,32 @@ def sliding_window_flex(q, k, v, *, causal, key_padding_mask, scale, return_weig
     def mask_mod(b, h, q_idx, kv_idx):
         d = kv_idx - q_idx - off
         keep = (d >= -wl) & (d <= wr)
+        if sinks:
+            keep = keep | ((kv_idx < sinks) & (d <= 0) if causal else kv_idx < sinks)
         if kpm is not None:
             keep = keep & ~kpm[b, kv_idx]
         return keep
 
     def build():
-        any_v, full = _block_layouts(nq, nk, FLEX_BLOCK, wl, wr, q.device)
+        any_v, full = _block_layouts(nq, nk, FLEX_BLOCK, wl, wr, q.device, sinks, causal)
         if kpm is not None:
             full = torch.zeros_like(full)  # padding is only known element-wise
         return block_mask_from_layout(any_v[None, None], full[None, None], mask_mod, nq, nk, FLEX_BLOCK)
 
-    key = None if kpm is not None else ("sliding_window", nq, nk, wl, wr, str(q.device))
+    key = None if kpm is not None else ("sliding_window", nq, nk, wl, wr, sinks, causal, str(q.device))
     return flex_run(q, k, v, block_mask=cached_block_mask(key, build), scale=scale), None
+
+
+def _torch_rules_out(call, params) -> str | None:
+    if params.get("sinks", 0) and call.dropout:
+        return "attention dropout with sinks > 0 runs on the math backend"
+    return None
+
+
+def _xformers_rules_out(call, params) -> str | None:
+    if params.get("sinks", 0):
+        return "xformers' local-attention bias has no sink keys (sinks > 0); the torch and flex backends do"
+    return no_key_padding(call, params)
 
 
 add(
@@ -309,18 +387,31 @@ add(
                 "FlashAttention window_size=(window, window) / (window, 0)",
                 int_at_least(0),
             ),
+            "sinks": Param(
+                "sinks",
+                0,
+                "first keys visible to every query (causal: to those at or after them); StreamingLLM's attention sinks",
+                int_at_least(0),
+            ),
         },
         supports=Supports(dropout=True),
         impls={
-            "torch": Impl(sliding_window_torch, dropout=True),
+            "torch": Impl(sliding_window_torch, dropout=True, rules_out=_torch_rules_out),
             "flex": Impl(sliding_window_flex, skip_in_auto=flex_skip_in_auto),
-            "xformers": Impl(sliding_window_xformers, rules_out=no_key_padding),
+            "xformers": Impl(sliding_window_xformers, rules_out=_xformers_rules_out),
             "math": Impl(sliding_window_reference, dropout=True, double_backward=True),
         },
         mask_fn=sliding_window_mask,
         visible_keys=sliding_window_visible_keys,
         cache_family="window",
-        # Inside the sequence, none, one key, and wider than the sequence.
-        examples=({"window": 5}, {"window": 0}, {"window": 1}, {"window": 50}),
+        # Inside the sequence, none, one key, and wider than the sequence; sinks in and past it.
+        examples=(
+            {"window": 5},
+            {"window": 0},
+            {"window": 1},
+            {"window": 50},
+            {"window": 3, "sinks": 2},
+            {"window": 0, "sinks": 50},
+        ),  # fmt: skip
     )
 )
