@@ -69,6 +69,16 @@ FAMILIES = (
         ("allgather", "ulysses"),
     ),
     ("strided", "block_sparse", {"block_size": 2, "pattern": "strided", "stride": 3}, ("allgather",)),
+    ("sinks", "sliding_window", {"window": 3, "sinks": 2}, ("halo", "ulysses", "allgather")),
+    ("sinks8", "sliding_window", {"window": 2, "sinks": 8}, ("halo",)),  # sinks wider than a chunk
+    ("topk", "topk_block", {"block_size": 3, "density": 0.5}, ("allgather", "ulysses")),
+    (
+        "topk_keypool",
+        "topk_block",
+        {"block_size": 3, "density": 0.4, "estimator": "key_pool", "sink_blocks": 0},
+        ("allgather",),
+    ),
+    ("hybrid", "hybrid", {"block_size": 3, "density": 0.3, "remainder_near": 1}, ("allgather", "ulysses")),
     ("linear", "linear", {"feature_map": "elu", "chunk_size": 4}, ("scan", "ulysses", "allgather")),
     ("performer", "performer", {"num_features": 16, "chunk_size": 4}, ("scan",)),
 )
@@ -91,13 +101,17 @@ def cases(world: int) -> list[Case]:
     for label, variant, params, strategies in FAMILIES:
         for i, strategy in enumerate(strategies):
             for causal, layout, gqa, padding in EVERY if i == 0 else PAIRWISE:
+                if strategy == "ulysses" and variant in ("topk_block", "hybrid") and gqa and world > 1:
+                    continue  # a selection shared by a key/value head's query heads: refused (see _errors)
                 out.append(
                     Case(variant, strategy, bool(causal), layouts[layout], bool(gqa), bool(padding), params, label)
                 )
     # Unequal contiguous shards (N = 12·W + 1), for every strategy that takes them.
     for label, variant, params, strategies in FAMILIES:
         for strategy in strategies:
-            if strategy in ("ulysses",) or variant == "block_sparse" or label in ("dot_product", "window40"):
+            if strategy == "ulysses" or variant in ("block_sparse", "topk_block", "hybrid"):
+                continue  # equal shards, or block-aligned chunks, needed
+            if label in ("dot_product", "window40", "sinks8"):
                 continue
             for causal in (False, True):
                 out.append(Case(variant, strategy, causal, "contiguous", True, True, params, label, uneven=True))
@@ -288,6 +302,9 @@ def _errors(sla, world: int, rank: int) -> dict[str, str]:
         "wrong_strategy": lambda: dist.attention(q, k, v, "sliding_window", window=2, strategy="ring"),
         "unknown_layout": lambda: dist.attention(q, k, v, "full", layout="zig"),
         "no_weights": lambda: dist.attention(q, k, v, "full", return_weights=True),
+        "split_selection": lambda: dist.attention(
+            q, k[:, :1], v[:, :1], "topk_block", block_size=3, density=0.5, strategy="ulysses"
+        ),
         "misaligned_blocks": lambda: dist.attention(q, k, v, "block_sparse", block_size=4, strategy="allgather"),
     }
     out = {}

@@ -81,7 +81,8 @@ EXPECTED = {
     "unknown_strategy": ("UnknownNameError", "Did you mean 'ring'"),
     "wrong_strategy": ("StrategyError", "serves dot_product, full only"),
     "unknown_layout": ("UnknownNameError", "zigzag"),
-    "misaligned_blocks": ("StrategyError", "multiple of block_size=4"),
+    "misaligned_blocks": ("StrategyError", "multiples of block_size=4"),
+    "split_selection": ("StrategyError", "shares one selection"),
     "no_weights": ("ParameterError", "does not take return_weights="),
 }
 

@@ -349,7 +349,10 @@ def _exchange(g: Group, xs: Sequence[torch.Tensor], plan: FetchPlan, dim: int) -
             parts[i].append(x.narrow(dim, s, n) if src == g.rank else got[src][i].narrow(dim, offsets[src], n))
         if src != g.rank:
             offsets[src] += n
-    return [torch.cat(p, dim) if len(p) > 1 else p[0].clone() for p in parts]
+    return [
+        torch.cat(p, dim) if len(p) > 1 else p[0].clone() if p else x.narrow(dim, 0, 0).clone()
+        for p, x in zip(parts, xs)
+    ]
 
 
 def _exchange_back(

@@ -12,7 +12,10 @@ it end where the chunk's aligned position ends:
 
 This is exact for any variant whose output row depends only on its query, the keys and its
 aligned position; the padding rows cost up to ``(W − 1)×`` a rank's share in the non-causal
-case. Per-rank memory holds the whole sequence's K/V.
+case. Variants that select per query block (:data:`QUERY_BLOCKS`: ``topk_block``, ``hybrid``)
+need chunks on block boundaries, and their strict causal selection also reads the block of
+queries before a chunk (:data:`QUERY_CONTEXT`), which is fetched for it. Per-rank memory holds
+the whole sequence's K/V.
 
 ``block_sparse`` fetches instead only the key blocks its layout needs: the whole call's layout
 is built once (identically on every rank), each chunk takes its rows, asks the owners for the
@@ -35,6 +38,13 @@ from .plan import Setup, global_mask
 #: Variants whose non-causal output does not depend on where a query sits: all local queries
 #: run in one call over all keys, without alignment padding.
 POSITION_FREE = frozenset({"full", "dot_product", "linear", "performer"})
+#: Variants that tile queries into ``block_size`` blocks (one selection per query block): a
+#: chunk must start and end on block boundaries, so that its blocks are the whole call's.
+QUERY_BLOCKS = frozenset({"topk_block", "hybrid"})
+#: Of those, the ones whose strict causal selection scores a query block from the
+#: ``block_size`` queries ending at its first query: a chunk's call is handed the block of
+#: queries before the chunk too (fetched from its owner; its output rows are dropped).
+QUERY_CONTEXT = frozenset({"topk_block", "hybrid"})
 
 
 def _block_size(setup: Setup) -> int:
@@ -42,15 +52,18 @@ def _block_size(setup: Setup) -> int:
 
 
 def rules_out(setup: Setup) -> str | None:
-    if setup.variant != "block_sparse":
+    if setup.variant not in QUERY_BLOCKS and setup.variant != "block_sparse":
         return None
     bs = _block_size(setup)
-    bad = [c for r in range(setup.g.world) for c in setup.layout.chunks(r) if c.start % bs]
+    edges = {e for r in range(setup.g.world) for c in setup.layout.chunks(r) for e in (c.start, c.stop)}
+    if setup.variant == "block_sparse":  # key blocks are fetched whole; the chunk's end may be ragged
+        edges = {c.start for r in range(setup.g.world) for c in setup.layout.chunks(r)}
+    bad = sorted(e for e in edges if e % bs and e != setup.total)
     if bad:
+        what = "fetches whole key blocks" if setup.variant == "block_sparse" else "selects per query block"
         return (
-            f"block_sparse fetches whole key blocks, so every chunk of the layout must start on a "
-            f"multiple of block_size={bs}; chunk starts {sorted({c.start for c in bad})} do not "
-            f"(shard lengths {list(setup.layout.lengths)})"
+            f"{setup.variant} {what}, so the chunks of the layout must start (and end) on multiples of "
+            f"block_size={bs}; positions {bad} do not (shard lengths {list(setup.layout.lengths)})"
         )
     return None
 
@@ -70,10 +83,15 @@ def run(setup: Setup, q, k, v, key_padding_mask):
     kw = dict(causal=setup.causal, scale=setup.scale, **setup.params)
     if not setup.causal and setup.variant in POSITION_FREE:
         return api.attention(q, whole[..., :D], whole[..., D:], setup.variant, key_padding_mask=pad, **kw)
+    context = _query_context(setup)
+    before = _queries_before(setup, q, context)
     outs = []
-    for c in setup.chunks:
+    for i, c in enumerate(setup.chunks):
         end = c.stop if setup.causal else N
         qc = q[:, :, c.local : c.local + c.length]
+        lead = before[i].shape[2] if before else 0
+        if lead:
+            qc = torch.cat([before[i], qc], dim=2)
         if end > c.stop:
             qc = F.pad(qc, (0, 0, 0, end - c.stop))
         o = api.attention(
@@ -84,8 +102,33 @@ def run(setup: Setup, q, k, v, key_padding_mask):
             key_padding_mask=None if pad is None else pad[:, :end],
             **kw,
         )
-        outs.append(o[:, :, : c.length])
+        outs.append(o[:, :, lead : lead + c.length])
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _query_context(setup: Setup) -> int:
+    """Query positions before each chunk that its call needs (see :data:`QUERY_CONTEXT`)."""
+    strict = setup.params.get("selection", "strict") == "strict"
+    return _block_size(setup) if setup.causal and strict and setup.variant in QUERY_CONTEXT else 0
+
+
+def _queries_before(setup: Setup, q, context: int) -> list[torch.Tensor] | None:
+    """For each of this rank's chunks, the ``context`` queries before it (fewer at the start of
+    the sequence), from whichever ranks hold them; ``None`` when no call needs any. They only
+    steer a selection, which has no gradient, so they travel without one."""
+    if not context:
+        return None
+    needs = [
+        [(max(0, c.start - context), c.start) for c in setup.layout.chunks(r) if c.start] for r in range(setup.g.world)
+    ]
+    plan = comm.fetch_plan(setup.layout, needs, setup.g.rank)
+    (got,) = comm.fetch(setup.g, [q.detach()], plan)
+    out, at = [], 0
+    for c in setup.chunks:
+        n = c.start - max(0, c.start - context)
+        out.append(got[:, :, at : at + n])
+        at += n
+    return out
 
 
 def _block_columns(setup: Setup, rank: int, layout: torch.Tensor) -> list[tuple[tuple[int, int], list[int]]]:
