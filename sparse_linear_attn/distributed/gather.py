@@ -89,8 +89,9 @@ def run(setup: Setup, q, k, v, key_padding_mask):
     for i, c in enumerate(setup.chunks):
         end = c.stop if setup.causal else N
         qc = q[:, :, c.local : c.local + c.length]
-        lead = before[i].shape[2] if before else 0
-        if lead:
+        lead = 0
+        if before is not None and before[i].shape[2]:
+            lead = before[i].shape[2]
             qc = torch.cat([before[i], qc], dim=2)
         if end > c.stop:
             qc = F.pad(qc, (0, 0, 0, end - c.stop))
