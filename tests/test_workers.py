@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+import sparse_linear_attn as sla
 from sparse_linear_attn.backends import workers
 from sparse_linear_attn.variants import block_sparse as bs_mod
 
@@ -156,3 +157,39 @@ def test_groups_on_workers_match_one_thread_and_the_reference(monkeypatch, two_t
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=1e-5)
     if kind == "batch_kv":
         assert bool((out[:, :, bs : 2 * bs] == 0).all()) and bool(torch.isneginf(lse[:, :, bs : 2 * bs]).all())
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_compressed_part_on_workers_matches_the_naive_loops(monkeypatch, two_threads, causal):
+    # hybrid's pseudo-key part, its query blocks in chunks spread over two workers, against the
+    # float64 loops over group key ranges; padded keys and a selection from a real call.
+    from sparse_linear_attn.variants import hybrid as hy
+
+    B, H, Hkv, n, bs, r, near = 2, 4, 2, 72, 8, 2, 2
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(B, h, n, 8, generator=g) for h in (H, Hkv, Hkv))
+    kpm = torch.rand(B, n, generator=g) < 0.2
+    kw = dict(causal=causal, block_size=bs, density=0.3, remainder_block=r, remainder_near=near, local_blocks=1)
+    sel = sla.selection(q, k, "topk_block", causal=causal, key_padding_mask=kpm, block_size=bs, density=0.3)
+    groups = hy.remainder_groups(n, n, bs, causal=causal, local_blocks=1, chunk=r, near=near)
+    ranges = hy.remainder_groups_naive(n, n, bs, causal=causal, local_blocks=1, chunk=r, near=near)
+    monkeypatch.setattr(hy, "COMPRESSED_ELEMENTS", 2 * H * n)  # a few query blocks per chunk
+    used = []
+    task = workers.run_tasks
+
+    def spy(fn, count, make_state, workers=None):
+        used.append((count, workers))
+        return task(fn, count, make_state, workers=workers)
+
+    monkeypatch.setattr(hy, "run_tasks", spy)
+    with torch.no_grad():
+        out, lse = hy.compressed_part(q, k, v, kpm, sel.block_mask, groups, scale=0.35, block_size=bs)
+    assert used and used[0][0] > 2 and used[0][1] == 2
+    ref, ref_lse = hy.compressed_part_naive(q, k, v, kpm, sel.block_mask, ranges, scale=0.35, block_size=bs)
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=1e-5)
+    # The whole hybrid call: the same on two workers as on one thread.
+    whole = sla.attention(q, k, v, "hybrid", key_padding_mask=kpm, **kw)
+    torch.set_num_threads(1)
+    one = sla.attention(q, k, v, "hybrid", key_padding_mask=kpm, **kw)
+    assert torch.equal(whole, one)
