@@ -48,8 +48,8 @@ def _get_pool(size: int) -> ThreadPoolExecutor:
     with _lock:
         if _pool is not None and _pool_size >= size and _pool_pid == os.getpid():
             return _pool
-        if _pool is not None and _pool_pid == os.getpid():
-            _pool.shutdown(wait=False)
+        # A smaller pool is left to idle, not shut down: a call on another thread may still be
+        # handing it tasks. After a fork the parent's threads are gone: a new pool is started.
         # torch.set_num_threads also stores the count new threads start with: the caller's
         # count is put back once every worker has set its own.
         caller = torch.get_num_threads()
