@@ -425,10 +425,20 @@ def test_sweeps_in_a_run_each_point_its_own_record_and_resume(tmp_path, capsys):
 # New columns and the frontier plot.
 
 
-def test_run_records_density_recall_worst_head_and_oracle(tmp_path):
+def test_run_records_density_recall_worst_head_and_oracle(tmp_path, monkeypatch):
+    built = []
+    dense_mask = sla.dense_mask
+
+    def counting(name, *args, **kw):
+        built.append((name, kw.get("window")))
+        return dense_mask(name, *args, **kw)
+
+    monkeypatch.setattr(sla, "dense_mask", counting)
     args = ["run", "--variants", "full", "sliding_window:window=[2,8]", "linear", "oracle:density=[0.25,0.5]",
             "--seq-lens", "32", "--causal", "--inputs", "local,peaked", "--out", str(tmp_path), *TINY]  # fmt: skip
     assert main(args) == 0
+    # A static pattern's mask does not depend on the inputs: built once for both kinds.
+    assert sorted(built) == [("sliding_window", 2), ("sliding_window", 8)]
     recs = read_results(tmp_path / "results.jsonl")
     assert {r["inputs"] for r in recs} == {"local", "peaked"} and len(recs) == 2 * 6
     by = {(r["inputs"], r["label"]): r for r in recs}

@@ -17,8 +17,9 @@ only decides which entries a variant computes:
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +84,13 @@ def _selection_rows(sel: Any, rows: torch.Tensor, heads: int, nk: int) -> torch.
     return m.repeat_interleave(heads // m.shape[1], dim=1)
 
 
+def _mask_key(name: str, params: Mapping[str, Any], n: int, nk: int, causal: bool, rows: torch.Tensor):
+    """Cache key of a static pattern's rows, or None when a parameter is a tensor (a layout)."""
+    if any(isinstance(v, torch.Tensor) for v in params.values()):
+        return None
+    return (name, json.dumps(dict(params), sort_keys=True, default=str), n, nk, causal, tuple(rows.tolist()))
+
+
 def computed_entries(
     name: str,
     params: Mapping[str, Any],
@@ -92,11 +100,16 @@ def computed_entries(
     causal: bool,
     rows: torch.Tensor,
     scale: float,
+    cache: MutableMapping[Any, torch.Tensor] | None = None,
 ) -> Computed | str:
     """What a variant computes exactly on ``rows``, or a string saying why it is not known.
 
     Data-dependent variants come first: ``hybrid`` is not exact as a whole (its remainder is
-    compressed) but its selected blocks are, and their recall is what its exact part keeps."""
+    compressed) but its selected blocks are, and their recall is what its exact part keeps.
+
+    ``cache``: a mapping kept across calls (a sweep keeps one) for the rows of static patterns,
+    which do not depend on the inputs: building a dense mask at N = 16K takes seconds, and a
+    sweep over several input kinds would build the same one for each."""
     spec = registry.get(name)
     B, H, N, _ = q.shape
     Nk = k.shape[2]
@@ -122,12 +135,19 @@ def computed_entries(
     entries = per_head * N * Nk
     if entries > DENSE_MASK_ENTRIES:
         return f"dense mask of {entries:.3g} entries over the limit of {DENSE_MASK_ENTRIES:.3g} (N = 16K)"
+    key = None if cache is None else _mask_key(name, params, N, Nk, causal, rows)
+    if key is not None and key in cache:
+        return Computed(cache[key].to(q.device), "sla.dense_mask")
     from .memory import available_bytes
 
     if MASK_FN_BYTES_PER_ENTRY * entries > available_bytes(torch.device("cpu")) // 2:
         return "dense mask skipped: building it would take over half the available memory"
     mask = sla.dense_mask(name, N, Nk, causal=causal, **dict(params))
-    return Computed(mask[..., rows.to(mask.device), :].to(q.device), "sla.dense_mask")
+    picked = mask[..., rows.to(mask.device), :].clone()  # the rows only: the N×N mask is freed
+    del mask
+    if key is not None:
+        cache[key] = picked
+    return Computed(picked.to(q.device), "sla.dense_mask")
 
 
 def recall_of(

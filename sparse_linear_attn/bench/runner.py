@@ -291,8 +291,12 @@ class _Point:
     """Inputs, sampled rows and cached references for one (input kind, causal mode, length),
     shared by every variant."""
 
-    def __init__(self, s: SweepSettings, kind: str, causal: bool, n: int, device: torch.device):
+    def __init__(self, s: SweepSettings, kind: str, causal: bool, n: int, device: torch.device,
+                 mask_rows: dict[Any, torch.Tensor] | None = None):  # fmt: skip
         self.kind, self.causal, self.n = kind, causal, n
+        #: Sampled rows of static pattern masks, shared by every point of the sweep (they do
+        #: not depend on the inputs).
+        self.mask_rows: dict[Any, torch.Tensor] = {} if mask_rows is None else mask_rows
         self.device = device
         self.dtype = DTYPES[s.dtype]
         self.notes: list[str] = []
@@ -486,7 +490,8 @@ def _timings(step: Callable[[], torch.Tensor], dev: torch.device, s: SweepSettin
 
 def _computed(bv: BenchVariant, pt: _Point, scale: float) -> accuracy.Computed | str:
     try:
-        return accuracy.computed_entries(bv.name, bv.params, pt.q, pt.k, causal=pt.causal, rows=pt.rows, scale=scale)
+        return accuracy.computed_entries(bv.name, bv.params, pt.q, pt.k, causal=pt.causal, rows=pt.rows, scale=scale,
+                                         cache=pt.mask_rows)  # fmt: skip
     except Exception as e:  # noqa: BLE001 — recorded, the sweep goes on
         return f"computed entries unknown: {type(e).__name__}: {e}"[:500]
 
@@ -721,6 +726,7 @@ def run_sweep(
     writer = ResultWriter(path)
     results: list[dict[str, Any]] = []
     point: _Point | None = None
+    mask_rows: dict[Any, torch.Tensor] = {}
     point_key = None
     point_failure: dict[str, Any] | None = None
     try:
@@ -745,7 +751,7 @@ def run_sweep(
                     }
                 else:
                     try:
-                        point = _Point(s, kind, c, n, device)
+                        point = _Point(s, kind, c, n, device, mask_rows)
                     except Exception as e:  # noqa: BLE001
                         point_failure = {
                             "status": "oom" if is_oom(e) else "error",
