@@ -69,6 +69,57 @@ def test_attention_recall_edge_rows_and_errors():
         sla.attention_recall(q, k, torch.ones(3, 4, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("nq,nk", [(24, 24), (30, 24)])
+def test_row_weights_are_the_float64_softmax_rows(causal, nq, nk):
+    q, k = _qk(B=2, H=4, Hkv=2, nq=nq, nk=nk)
+    rows = torch.tensor([0, 3, 5, 11, nq - 1])  # with nq > nk, causal rows 0..5 see no key
+    _, w = softmax_attention(q, k, k, visible(nq, nk, causal=causal), scale=0.4)
+    # Chunks of one row each exercise the row loop.
+    got = accuracy.row_weights(q, k, causal=causal, rows=rows, scale=0.4, chunk_bytes=1)
+    assert got.dtype == torch.float64 and got.shape == (2, 4, 5, nk)
+    assert torch.allclose(got, w[:, :, rows], rtol=1e-12, atol=1e-15)
+    assert not got.isnan().any()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_recall_from_shared_weights_matches_an_independent_sum(causal):
+    q, k = _qk(B=2, H=4, Hkv=2, nq=30, nk=24)
+    rows = torch.tensor([0, 4, 7, 12, 20, 29])  # causal rows 0..5 see nothing: recall 1
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(2, 4, rows.numel(), 24, generator=g) < 0.3
+    _, w = softmax_attention(q, k, k, visible(30, 24, causal=causal), scale=0.4)
+    seen = visible(30, 24, causal=causal)[:, :, rows].any(-1)
+    expect = torch.where(seen, (w[:, :, rows] * mask).sum(-1), 1.0)
+    weights = accuracy.row_weights(q, k, causal=causal, rows=rows, scale=0.4)
+    for m in (mask, mask[:1, :1]):  # per (batch, head) and broadcast over them
+        e = expect if m is mask else torch.where(seen, (w[:, :, rows] * m).sum(-1), 1.0)
+        c = accuracy.Computed(m, "test")
+        got = accuracy.recall_of(c, q, k, causal=causal, rows=rows, scale=0.4, weights=weights)
+        assert got["recall_mean"] == pytest.approx(float(e.mean()), rel=1e-12)
+        assert got["recall_p5"] == pytest.approx(float(torch.quantile(e.flatten(), 0.05)), rel=1e-12)
+        # The same as the path that recomputes the scores.
+        assert accuracy.recall_of(c, q, k, causal=causal, rows=rows, scale=0.4) == pytest.approx(got, rel=1e-12)
+
+
+def test_sweep_recall_is_the_same_with_and_without_shared_weights(tmp_path, monkeypatch):
+    from sparse_linear_attn.bench import runner
+
+    args = ["run", "--variants", "sliding_window:window=[3,9]", "--seq-lens", "40", *TINY, "--causal"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    calls = []
+    monkeypatch.setattr(accuracy, "row_weights", lambda *a, **kw: calls.append(1))  # never called
+    monkeypatch.setattr(runner, "ROW_WEIGHTS_MAX_BYTES", 0)
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert not calls
+    a, b = (read_results(tmp_path / d / "results.jsonl") for d in "ab")
+    assert [r["label"] for r in a] == [r["label"] for r in b] and len(a) == 2
+    for ra, rb in zip(a, b):
+        assert 0 < ra["recall_mean"] < 1
+        assert ra["recall_mean"] == pytest.approx(rb["recall_mean"], rel=1e-12)
+        assert ra["recall_p5"] == pytest.approx(rb["recall_p5"], rel=1e-12)
+
+
 def test_recall_of_static_patterns_matches_an_independent_mask():
     q, k = _qk(B=1, H=2, Hkv=2, nq=40, nk=40)
     rows = accuracy.sample_rows(40, 7)
@@ -79,9 +130,11 @@ def test_recall_of_static_patterns_matches_an_independent_mask():
         band = ((j - i).abs() <= 3) & ((j <= i) if causal else True)
         _, w = softmax_attention(q, k, k, visible(40, 40, causal=causal), scale=0.5)
         expect = (w * band)[:, :, rows].sum(-1)
-        got = accuracy.recall_of(c, q, k, causal=causal, rows=rows, scale=0.5)
-        assert got["recall_mean"] == pytest.approx(float(expect.mean()), rel=1e-12)
-        assert got["recall_p5"] == pytest.approx(float(torch.quantile(expect.flatten(), 0.05)), rel=1e-12)
+        weights = accuracy.row_weights(q, k, causal=causal, rows=rows, scale=0.5)
+        for wts in (None, weights):
+            got = accuracy.recall_of(c, q, k, causal=causal, rows=rows, scale=0.5, weights=wts)
+            assert got["recall_mean"] == pytest.approx(float(expect.mean()), rel=1e-12)
+            assert got["recall_p5"] == pytest.approx(float(torch.quantile(expect.flatten(), 0.05)), rel=1e-12)
     full = accuracy.computed_entries("full", {}, q, k, causal=True, rows=rows, scale=0.5)
     assert accuracy.recall_of(full, q, k, causal=True, rows=rows, scale=0.5) == {"recall_mean": 1.0, "recall_p5": 1.0}
     assert isinstance(accuracy.computed_entries("linear", {}, q, k, causal=False, rows=rows, scale=0.5), str)
@@ -157,8 +210,10 @@ def test_recall_and_density_of_a_data_dependent_variant(data_dependent_variant, 
         assert c.how.startswith("sla.selection") and c.density == pytest.approx(sel.density)
         _, w = softmax_attention(q, k, k, visible(24, 24, causal=causal), scale=0.3)
         expect = (w * sel.dense())[:, :, rows].sum(-1)
-        got = accuracy.recall_of(c, q, k, causal=causal, rows=rows, scale=0.3)
-        assert got["recall_mean"] == pytest.approx(float(expect.mean()), rel=1e-12)
+        weights = accuracy.row_weights(q, k, causal=causal, rows=rows, scale=0.3)
+        for wts in (None, weights):
+            got = accuracy.recall_of(c, q, k, causal=causal, rows=rows, scale=0.3, weights=wts)
+            assert got["recall_mean"] == pytest.approx(float(expect.mean()), rel=1e-12)
     # Through a sweep: density from the selection, FLOPs from it, recall recorded.
     assert main(["run", "--variants", "bench_dd", "--seq-lens", "24", "--out", str(tmp_path), *TINY]) == 0
     (rec,) = read_results(tmp_path / "results.jsonl")

@@ -314,6 +314,8 @@ class _Point:
             self.q, self.k, self.v = self._cast(made)
         self.rows = accuracy.sample_rows(n, s.recall_rows, device=device)
         self.refs: dict[Any, tuple[torch.Tensor | None, str]] = {}
+        #: Exact softmax weights of ``rows`` (``accuracy.row_weights``), made at the first recall.
+        self.weights: dict[float, torch.Tensor] = {}
         self.oracles: dict[tuple[float, ...], dict[float, dict[str, float]]] = {}
 
     def _cast(self, qkv):
@@ -528,7 +530,8 @@ def _errors(out: torch.Tensor, bv: BenchVariant, pt: _Point, s: SweepSettings, b
             if isinstance(computed, str):
                 rec["recall_method"] = computed
             else:
-                rec.update(accuracy.recall_of(computed, pt.q, pt.k, causal=pt.causal, rows=pt.rows, scale=scale))
+                rec.update(accuracy.recall_of(computed, pt.q, pt.k, causal=pt.causal, rows=pt.rows, scale=scale,
+                                              weights=_row_weights(pt, scale, computed)))  # fmt: skip
                 rec["recall_rows"] = int(pt.rows.numel())
                 rec["recall_method"] = computed.how
     if pt.kind == "real":
@@ -544,6 +547,25 @@ def _errors(out: torch.Tensor, bv: BenchVariant, pt: _Point, s: SweepSettings, b
             except Exception as e:  # noqa: BLE001 — recorded, the sweep goes on
                 rec["e2e_note"] = f"end-to-end failed: {type(e).__name__}: {e}"[:500]
     return rec
+
+
+#: Most bytes a point's cached exact row weights may take (else each recall recomputes its rows).
+ROW_WEIGHTS_MAX_BYTES = 1 << 30
+
+
+def _row_weights(pt: _Point, scale: float, computed: accuracy.Computed) -> torch.Tensor | None:
+    """The point's exact weights on its sampled rows, made once and shared by every variant's
+    recall (each would otherwise redo the float64 scores: a third of the N = 16K study), or
+    None where they would not fit."""
+    if computed.mask is None:
+        return None
+    if scale not in pt.weights:
+        B, H, N, _ = pt.shape
+        need = 8 * B * H * int(pt.rows.numel()) * pt.k.shape[2]
+        if need > min(ROW_WEIGHTS_MAX_BYTES, available_bytes(pt.device) // 4):
+            return None
+        pt.weights[scale] = accuracy.row_weights(pt.q, pt.k, causal=pt.causal, rows=pt.rows, scale=scale)
+    return pt.weights[scale]
 
 
 def _layer_errors(bv: BenchVariant, pt: _Point, s: SweepSettings, backend: str, scale: float, out) -> dict[str, Any]:
