@@ -555,7 +555,7 @@ ROW_WEIGHTS_MAX_BYTES = 1 << 30
 
 def _row_weights(pt: _Point, scale: float, computed: accuracy.Computed) -> torch.Tensor | None:
     """The point's exact weights on its sampled rows, made once and shared by every variant's
-    recall (each would otherwise redo the float64 scores: a third of the N = 16K study), or
+    recall (each would otherwise redo the float64 scores of those rows), or
     None where they would not fit."""
     if computed.mask is None:
         return None
