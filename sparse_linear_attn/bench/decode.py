@@ -1,9 +1,10 @@
 """``sla-bench decode``: per-token latency and cache memory of incremental decoding vs context length.
 
 For each variant, batch size and context length ``n``, a cache is filled with ``n`` positions
-of random keys and values, then one-token steps are timed. Caches that keep every key of a
-``kv`` family (``full``, ``dot_product``) are filled with ``load_state_dict`` (a quadratic
-prefill would only cost time); every other cache runs its own chunked prefill. The caches of
+of random keys and values, then one-token steps are timed. Caches of the ``kv`` and
+``block_select`` families (``full``, ``dot_product``, ``topk_block``, ``hybrid``) are filled with
+``load_state_dict`` (a quadratic prefill would only cost time; ``block_select`` caches rebuild
+their pooled keys and sums from the keys); every other cache runs its own chunked prefill. The caches of
 all lengths of one (variant, batch) exist together and are timed in interleaved rounds, so that
 load on a shared machine hits every length alike (in alternating order): each round times
 ``--steps`` steps per length and keeps their median; the figure is the best round. Cache memory is ``cache.nbytes``
@@ -29,7 +30,11 @@ DEFAULT_DECODE_VARIANTS = (
     "block_sparse",
     "linear",
     "performer:num_features=256",
+    "topk_block",
+    "hybrid",
 )
+#: Cache families filled by loading random keys (their state is the keys, or derived from them).
+KEY_LOADED_FAMILIES = ("kv", "block_select")
 #: Positions per prefill call while filling a cache.
 PREFILL_CHUNK = 4096
 
@@ -77,7 +82,7 @@ def fill(cache, n: int, *, heads: int, gen: torch.Generator) -> None:
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(**f)
 
-    if cache.family == "kv":
+    if cache.family in KEY_LOADED_FAMILIES:
         cache.load_state_dict(
             {
                 "variant": cache.variant,
@@ -206,4 +211,4 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["DEFAULT_DECODE_VARIANTS", "add_decode_parser", "cmd_decode", "fill", "measure"]
+__all__ = ["DEFAULT_DECODE_VARIANTS", "KEY_LOADED_FAMILIES", "add_decode_parser", "cmd_decode", "fill", "measure"]

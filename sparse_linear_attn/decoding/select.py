@@ -103,7 +103,8 @@ class BlockSelectCache(KVCache):
 
     # ---- buffers ----------------------------------------------------------------------------
     def _allocate(self, capacity: int) -> None:
-        super()._allocate(capacity)
+        # Whole blocks, so that a step gathers keys a block (one contiguous row) at a time.
+        super()._allocate(num_blocks(capacity, self.block_size) * self.block_size)
         B, Hkv, D, Dv = self.batch, self.kv_heads, self.head_dim, self.value_dim
         w, dev = self.work_dtype, self.device
         nkb = num_blocks(capacity, self.block_size)
@@ -138,7 +139,8 @@ class BlockSelectCache(KVCache):
 
     def _clear(self) -> None:
         super()._clear()
-        for t in (self.pooled, self.counts, self.chunk_k, self.chunk_v, self.chunk_n):
+        # Keys too: a step reads the current block whole (masking what is not there yet).
+        for t in (self.k, self.v, self.pooled, self.counts, self.chunk_k, self.chunk_v, self.chunk_n):
             if t is not None:
                 t.zero_()
 
@@ -266,36 +268,57 @@ class BlockSelectCache(KVCache):
 
     def _exact(self, q, sel, s: int, e: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax of each query over the keys ``j ≤ i`` of its selected blocks: ``out (B, Hkv,
-        G, T, Dv)`` and ``lse (B, Hkv, G, T)`` in the work dtype. The run's queries share one
-        gather of the union of their blocks."""
+        G, T, Dv)`` and ``lse (B, Hkv, G, T)`` in the work dtype.
+
+        The run's queries share one gather: the union of their selected complete blocks, then the
+        current block's keys up to the run's end. Complete blocks are masked per (query, block)
+        only — all their keys precede every query — and causality applies to the current block.
+        """
         B, H, T, D = q.shape
-        Hkv, bs, w, dev = self.kv_heads, self.block_size, self.work_dtype, self.device
-        G, nb = H // Hkv, sel.shape[-1]
-        union = sel.any(2)  # (B, Hkv, nb)
-        nu = int(union.sum(-1).max())
-        i = torch.arange(s, e, device=dev)[:, None]
-        if nu == nb:  # every block: the cached keys as they are
+        Hkv, bs, Dv, w, dev = self.kv_heads, self.block_size, self.value_dim, self.work_dtype, self.device
+        G, c = H // Hkv, s // bs
+        before = sel[..., :c]  # (B, Hkv, T, c)
+        union = before.any(2)
+        nu = int(union.sum(-1).max()) if c else 0
+        if nu == c:  # every complete block: the cached keys in place
             keys, values = self.k[:, :, :e], self.v[:, :, :e]
-            j = torch.arange(e, device=dev)
-            mask = sel.repeat_interleave(bs, -1)[..., :e] & (j <= i)
-            if self._padded:
-                mask = mask & ~self.pad[:, None, None, :e]
+            picked = before
+            pad = self.pad[:, None, None, None, :e] if self._padded else None
+            current_keys = torch.arange(c * bs, e, device=dev)
         else:
             blocks = torch.sort(union.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :nu]
-            j = (blocks[..., None] * bs + torch.arange(bs, device=dev)).flatten(-2)  # (B, Hkv, nu·bs)
-            ok = union.gather(-1, blocks).repeat_interleave(bs, -1) & (j < e)
-            j = j.clamp_max(e - 1)
-            flat = (torch.arange(B * Hkv, device=dev).view(B, Hkv, 1) * self.capacity + j).flatten()
-            keys = self.k.view(-1, D).index_select(0, flat).view(B, Hkv, -1, D)
-            values = self.v.view(-1, self.value_dim).index_select(0, flat).view(B, Hkv, -1, self.value_dim)
-            picked = sel.gather(-1, blocks[:, :, None, :].expand(B, Hkv, T, nu)).repeat_interleave(bs, -1)
-            mask = picked & ok[:, :, None, :] & (j[:, :, None, :] <= i)
+            picked = before.gather(-1, blocks[:, :, None, :].expand(B, Hkv, T, nu))  # False past a short union
+            blocks = torch.cat([blocks, blocks.new_full((B, Hkv, 1), c)], -1)  # and the current one, whole
+            nbc = self.capacity // bs
+            rows = (torch.arange(B * Hkv, device=dev).view(B, Hkv, 1) * nbc + blocks).flatten()
+            keys = self.k.view(-1, bs * D).index_select(0, rows).view(B, Hkv, -1, D)
+            values = self.v.view(-1, bs * Dv).index_select(0, rows).view(B, Hkv, -1, Dv)
+            pad = None
             if self._padded:
-                mask = mask & ~self.pad.gather(1, j.flatten(1)).view(B, Hkv, 1, -1)
+                pad = self.pad.view(B, nbc, bs)[torch.arange(B, device=dev)[:, None, None], blocks]
+                pad = pad.view(B, Hkv, 1, 1, -1)
+            current_keys = torch.arange(c * bs, (c + 1) * bs, device=dev)  # those past e: after every query
+        P = nu * bs
         sc = torch.matmul(q.to(w).reshape(B, Hkv, G * T, D), keys.to(w).transpose(-1, -2)).mul_(scale)
-        sc = sc.view(B, Hkv, G, T, -1).masked_fill_(~mask[:, :, None], float("-inf"))
-        p, lse = _softmax_part(sc)
-        out = torch.matmul(p.view(B, Hkv, G * T, -1), values.to(w)).view(B, Hkv, G, T, self.value_dim)
+        sc = sc.view(B, Hkv, G, T, -1)
+        sc[..., :P].view(B, Hkv, G, T, nu, bs).masked_fill_(~picked[:, :, None, :, :, None], float("-inf"))
+        i = torch.arange(s, e, device=dev)[:, None]
+        current = sel[..., c:] & (current_keys <= i)  # (B, Hkv, T, keys of block c)
+        sc[..., P:].masked_fill_(~current[:, :, None], float("-inf"))
+        if pad is not None:
+            sc.masked_fill_(pad, float("-inf"))
+        # In place, as backends/tiles.py: lse = max s − log(max p), with max p ≥ 1/L.
+        top = sc.amax(-1)
+        seen = torch.isfinite(top)
+        everyone = bool(seen.all())
+        if not everyone:  # rows that see no key: softmax of zeros, dropped below
+            sc.masked_fill_(~seen[..., None], 0.0)
+        torch.softmax(sc, dim=-1, out=sc)
+        out = torch.matmul(sc.view(B, Hkv, G * T, -1), values.to(w)).view(B, Hkv, G, T, Dv)
+        lse = top - sc.amax(-1).log()
+        if not everyone:
+            out.masked_fill_(~seen[..., None], 0.0)
+            lse.masked_fill_(~seen, float("-inf"))
         return out, lse
 
     def _row_groups(self, c: int):
