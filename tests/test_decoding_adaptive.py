@@ -433,8 +433,15 @@ def test_a_long_prefill_allocates_no_tensor_of_n_squared_elements(variant):
     params = {"block_size": 64, "density": 0.1}
     cache = sla.make_cache(variant, batch=1, kv_heads=1, head_dim=D, value_dim=DV, max_len=n + 1, **params)
     with torch.no_grad(), LargestTensor() as mode:
-        sla.attention(q, k, v, variant, causal=True, cache=cache, **params)
+        sla.attention(q[:, :, :-1], k[:, :, :-1], v[:, :, :-1], variant, causal=True, cache=cache, **params)
     assert mode.largest < n * n // 8, mode.largest
+    assert cache.workspace_bytes == 0  # a prompt's gathers do not outlive it
+    with torch.no_grad(), LargestTensor() as mode:  # a one-token step: about the selected keys
+        sla.attention(q[:, :, -1:], k[:, :, -1:], v[:, :, -1:], variant, causal=True, cache=cache, **params)
+    assert mode.largest < 16 * n, mode.largest
+    # A step's gather workspace (kept for the next step) holds its selected keys and values:
+    # the 4 blocks of 33 it keeps (⌈0.1·33⌉, current block included), an eighth of the cache.
+    assert 0 < cache.workspace_bytes < cache.nbytes // 4
 
 
 def test_multihead_attention_decodes_topk_block_with_rope():
