@@ -621,19 +621,25 @@ def test_sla_bench_decode_records_latency_and_cache_memory(tmp_path, capsys):
     from sparse_linear_attn.bench.cli import main
 
     argv = ["decode", "--variants", "full", "sliding_window:window=16", "performer:num_features=8",
-            "--contexts", "64,256", "--batch", "1", "2", "--heads", "2", "--head-dim", "8", "--steps", "2",
-            "--rounds", "1", "--out", str(tmp_path)]  # fmt: skip
+            "topk_block:block_size=16", "--contexts", "64,256", "--batch", "1", "2", "--heads", "2", "--head-dim",
+            "8", "--steps", "2", "--rounds", "1", "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "cpu pressure before" in printed and "ms/token" in printed
     rows = [json.loads(line) for line in (tmp_path / "decode.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 * 2 * 2
+    assert len(rows) == 4 * 2 * 2
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "decode.png").stat().st_size > 0
     by = {(r["variant"], r["batch"], r["context"]): r for r in rows}
     assert all(r["ms_per_token"] > 0 for r in rows)
     # full keeps every key (its cache grows with the context, preallocated to context + steps);
     # the ring and the recurrent state do not grow.
     assert by[("full", 1, 256)]["cache_bytes"] == 2 * 2 * (256 + 2) * 8 * 4 + (256 + 2)
     assert by[("full", 1, 256)]["cache_bytes"] > 3 * by[("full", 1, 64)]["cache_bytes"]
+    # topk_block keeps every key too (in whole blocks of 16), plus a pooled key per block.
+    topk = by[("topk_block:block_size=16", 1, 256)]["cache_bytes"]
+    # k and v (2 kv heads × 272 positions × 8), padding flags, pooled keys and counts of 17 blocks.
+    assert topk == 2 * 2 * 272 * 8 * 4 + 272 + 2 * 17 * 8 * 4 + 17 * 4
     for label in ("sliding_window:window=16", "performer:num_features=8"):
         assert by[(label, 2, 64)]["cache_bytes"] == by[(label, 2, 256)]["cache_bytes"]
         assert by[(label, 2, 64)]["cache_bytes"] == 2 * by[(label, 1, 64)]["cache_bytes"]

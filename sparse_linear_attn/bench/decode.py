@@ -191,6 +191,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
           f"{device} threads={torch.get_num_threads()} steps={args.steps} rounds={args.rounds}")  # fmt: skip
     print(f"# cpu pressure before: {_pressure()}")
     print(f"{'variant':40} {'B':>3} {'context':>8} {'ms/token':>9} {'cache MiB':>10}")
+    records: list[dict[str, Any]] = []
     for variant in variants:
         for batch in args.batch:
             rows = measure(
@@ -203,12 +204,68 @@ def cmd_decode(args: argparse.Namespace) -> int:
                 if out is not None:
                     with out.open("a") as f:
                         f.write(json.dumps(r) + "\n")
+            records += rows
             first, last = rows[0], rows[-1]
             print(f"#   {variant.label} B={batch}: {last['context']}/{first['context']} tokens -> time x"
                   f"{last['ms_per_token'] / first['ms_per_token']:.2f}, memory x"
                   f"{last['cache_bytes'] / first['cache_bytes']:.2f}")  # fmt: skip
     print(f"# cpu pressure after: {_pressure()}")
+    if args.out:
+        png = plot_decode(records, Path(args.out) / "decode.png")
+        print(f"wrote {png}" if png else "note: matplotlib is not installed; no decode.png")
     return 0
 
 
-__all__ = ["DEFAULT_DECODE_VARIANTS", "KEY_LOADED_FAMILIES", "add_decode_parser", "cmd_decode", "fill", "measure"]
+def plot_decode(records: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """Per-token time and cache memory against context length, one line per (variant, batch),
+    from :func:`measure`'s records; ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    lines: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in records:
+        lines.setdefault((r["variant"], r["batch"]), []).append(r)
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
+    cmap = plt.get_cmap("tab10")
+    names = list(dict.fromkeys(v for v, _ in lines))
+    for (name, batch), rows in lines.items():
+        rows = sorted(rows, key=lambda r: r["context"])
+        x = [r["context"] for r in rows]
+        style = dict(
+            color=cmap(names.index(name) % 10), marker="o", ms=3, ls="-" if batch == min(b for _, b in lines) else "--"
+        )
+        ax_t.plot(x, [r["ms_per_token"] for r in rows], label=f"{name}, B={batch}", **style)
+        ax_m.plot(x, [r["cache_bytes"] / 2**20 for r in rows], **style)
+    first = records[0] if records else {}
+    for ax, ylabel in ((ax_t, "ms per token (best round's median)"), (ax_m, "cache memory, MiB (cache.nbytes)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize=7)
+    fig.suptitle(
+        f"sla-bench decode: heads={first.get('heads')} kv_heads={first.get('kv_heads')} "
+        f"head_dim={first.get('head_dim')} {first.get('dtype')} {first.get('device')} threads={first.get('threads')}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = [
+    "DEFAULT_DECODE_VARIANTS",
+    "KEY_LOADED_FAMILIES",
+    "add_decode_parser",
+    "cmd_decode",
+    "fill",
+    "measure",
+    "plot_decode",
+]
