@@ -24,11 +24,12 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # sla.testing (conformance checks, for tests) loads on first use: the library never needs it.
-    if name == "testing":
+    # sla.distributed (context parallelism) and sla.testing (conformance checks) load on first
+    # use: the single-process path never imports them.
+    if name in ("distributed", "testing"):
         import importlib
 
-        return importlib.import_module(f"{__name__}.testing")
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -51,6 +51,22 @@ def test_half_inputs_accumulate_in_float32():
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_without_autograd_the_same_values():
+    # The no-grad path works in place on the score block; it must give the same numbers.
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 9, 8, dtype=F64, generator=g)
+    k = torch.randn(2, 2, 13, 8, dtype=F64, generator=g)
+    v = torch.randn(2, 2, 13, 5, dtype=F64, generator=g)
+    mask = torch.rand(2, 1, 9, 13, generator=g) > 0.4
+    mask[:, :, 0] = False
+    ref, _ = softmax_attention(q, k, v, mask, scale=0.3)
+    with torch.no_grad():
+        out, lse = partial_attention(q, k, v, scale=0.3, mask=mask)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(lse, _lse_reference(q, k, mask.expand(2, 4, 9, 13), 0.3), atol=1e-12, rtol=0)
+    assert torch.isneginf(lse[:, :, 0]).all() and not out.isnan().any()
+
+
 def test_inplace_merge_writes_into_the_first_part():
     g = torch.Generator().manual_seed(3)
     q = torch.randn(1, 2, 5, 4, dtype=F64, generator=g)

@@ -38,14 +38,27 @@ def partial_attention(
     work = torch.promote_types(q.dtype, torch.float32)
     H = q.shape[1]
     k, v = repeat_kv(k, H).to(work), repeat_kv(v, H).to(work)
-    s = torch.matmul(q.to(work), k.transpose(-1, -2)) * scale
+    s = torch.matmul(q.to(work), k.transpose(-1, -2))
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        s = s * scale
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        seen = torch.isfinite(lse)
+        # Rows that see nothing: subtract 0 instead of -inf so that exp gives 0, not NaN.
+        p = torch.exp(s - torch.where(seen, lse, torch.zeros_like(lse))[..., None])
+        return torch.matmul(p, v), lse
+    # Without autograd: one pass of exp over the score block, reused in place (a fresh block per
+    # step costs more than the arithmetic on it), and the normaliser applied to the output.
+    s.mul_(scale)
     if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    seen = torch.isfinite(lse)
-    # Rows that see nothing: subtract 0 instead of -inf so that exp gives 0, not NaN.
-    p = torch.exp(s - torch.where(seen, lse, torch.zeros_like(lse))[..., None])
-    return torch.matmul(p, v), lse
+        s.masked_fill_(mask.logical_not(), float("-inf"))
+    top = s.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # unseen rows: exp(-inf) = 0
+    p = s.sub_(top).exp_()
+    total = p.sum(dim=-1, keepdim=True)
+    out = torch.matmul(p, v).div_(torch.where(total > 0, total, torch.ones_like(total)))
+    return out, (top + total.log()).squeeze(-1)
 
 
 def merge_partials(

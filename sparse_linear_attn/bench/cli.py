@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import decode, frontier, listing, plot, run
+from .commands import decode, distributed, frontier, listing, plot, run
 
-COMMANDS = (run, plot, frontier, listing, decode)
+COMMANDS = (run, plot, frontier, listing, decode, distributed)
 
 
 def _parser() -> argparse.ArgumentParser:
