@@ -31,6 +31,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import sys
 import time
 from pathlib import Path
 
@@ -155,6 +158,8 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         out = Path(args.out) / "decode_selection.jsonl"
+    print(f"# {' '.join(['python3', *sys.argv])}")
+    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, {os.cpu_count()} CPUs")
     print(f"# cpu pressure before: {pressure()}; threads {torch.get_num_threads()}, torch {torch.__version__}")
     cols = ("err c/1", "err c/full", "err 1/full", "mass c", "mass 1", "overlap", "jaccard", "blk c", "blk 1")
     print(f"{'inputs':6} {'n':>6} {'variant':40} " + " ".join(f"{c:>10}" for c in cols))
