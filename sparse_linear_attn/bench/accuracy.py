@@ -136,7 +136,7 @@ def computed_entries(
     if entries > DENSE_MASK_ENTRIES:
         return f"dense mask of {entries:.3g} entries over the limit of {DENSE_MASK_ENTRIES:.3g} (N = 16K)"
     key = None if cache is None else _mask_key(name, params, N, Nk, causal, rows)
-    if key is not None and key in cache:
+    if cache is not None and key is not None and key in cache:
         return Computed(cache[key].to(q.device), "sla.dense_mask")
     from .memory import available_bytes
 
@@ -145,7 +145,7 @@ def computed_entries(
     mask = sla.dense_mask(name, N, Nk, causal=causal, **dict(params))
     picked = mask[..., rows.to(mask.device), :].clone()  # the rows only: the N×N mask is freed
     del mask
-    if key is not None:
+    if cache is not None and key is not None:
         cache[key] = picked
     return Computed(picked.to(q.device), "sla.dense_mask")
 
