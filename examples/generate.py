@@ -8,6 +8,9 @@ through the chosen variant, then an MLP. Two prompts of different lengths are le
 one batch. *Uncached* generation runs the whole sequence through the model for every new
 token; *cached* generation runs the prompt once (filling one ``sla.Cache`` per layer) and then
 one token per step. The script checks that both produce the same tokens and prints tokens/s.
+``topk_block`` and ``hybrid`` are the exception: their cached steps select key blocks per query
+from pooled keys (docs/decoding.md), not as the one-shot call does, so for them the script prints
+the share of tokens that agree and does not require all of them.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ VARIANTS = {
     "block_sparse": {"variant": "block_sparse", "block_size": 16, "pattern": "longformer"},
     "linear": {"variant": "linear", "chunk_size": 16},
     "performer": {"variant": "performer", "num_features": 64, "chunk_size": 16},
+    "topk_block": {"variant": "topk_block", "block_size": 16, "density": 0.5},
+    "hybrid": {"variant": "hybrid", "block_size": 16, "density": 0.5},
 }
+APPROXIMATE = {"topk_block", "hybrid"}  # cached steps approximate the one-shot selection
 
 
 class Block(nn.Module):
@@ -113,10 +119,11 @@ def main() -> None:
         fast = generate_cached(model, prompt, pad, args.new_tokens)
         t2 = time.perf_counter()
         same = torch.equal(slow, fast)
-        if not same:
+        if not same and name not in APPROXIMATE:
             failed.append(name)
+        agree = str(same) if name not in APPROXIMATE else f"{(slow == fast).double().mean().item():.0%}"
         n = 2 * args.new_tokens
-        print(f"{name:16} {str(same):>11} {n / (t1 - t0):15.1f} {n / (t2 - t1):13.1f} {(t1 - t0) / (t2 - t1):8.1f}x")
+        print(f"{name:16} {agree:>11} {n / (t1 - t0):15.1f} {n / (t2 - t1):13.1f} {(t1 - t0) / (t2 - t1):8.1f}x")
     if failed:
         raise SystemExit(f"cached generation differs from uncached generation for: {', '.join(failed)}")
 

@@ -69,6 +69,57 @@ def test_attention_recall_edge_rows_and_errors():
         sla.attention_recall(q, k, torch.ones(3, 4, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("nq,nk", [(24, 24), (30, 24)])
+def test_row_weights_are_the_float64_softmax_rows(causal, nq, nk):
+    q, k = _qk(B=2, H=4, Hkv=2, nq=nq, nk=nk)
+    rows = torch.tensor([0, 3, 5, 11, nq - 1])  # with nq > nk, causal rows 0..5 see no key
+    _, w = softmax_attention(q, k, k, visible(nq, nk, causal=causal), scale=0.4)
+    # Chunks of one row each exercise the row loop.
+    got = accuracy.row_weights(q, k, causal=causal, rows=rows, scale=0.4, chunk_bytes=1)
+    assert got.dtype == torch.float64 and got.shape == (2, 4, 5, nk)
+    assert torch.allclose(got, w[:, :, rows], rtol=1e-12, atol=1e-15)
+    assert not got.isnan().any()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_recall_from_shared_weights_matches_an_independent_sum(causal):
+    q, k = _qk(B=2, H=4, Hkv=2, nq=30, nk=24)
+    rows = torch.tensor([0, 4, 7, 12, 20, 29])  # causal rows 0..5 see nothing: recall 1
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(2, 4, rows.numel(), 24, generator=g) < 0.3
+    _, w = softmax_attention(q, k, k, visible(30, 24, causal=causal), scale=0.4)
+    seen = visible(30, 24, causal=causal)[:, :, rows].any(-1)
+    expect = torch.where(seen, (w[:, :, rows] * mask).sum(-1), 1.0)
+    weights = accuracy.row_weights(q, k, causal=causal, rows=rows, scale=0.4)
+    for m in (mask, mask[:1, :1]):  # per (batch, head) and broadcast over them
+        e = expect if m is mask else torch.where(seen, (w[:, :, rows] * m).sum(-1), 1.0)
+        c = accuracy.Computed(m, "test")
+        got = accuracy.recall_of(c, q, k, causal=causal, rows=rows, scale=0.4, weights=weights)
+        assert got["recall_mean"] == pytest.approx(float(e.mean()), rel=1e-12)
+        assert got["recall_p5"] == pytest.approx(float(torch.quantile(e.flatten(), 0.05)), rel=1e-12)
+        # The same as the path that recomputes the scores.
+        assert accuracy.recall_of(c, q, k, causal=causal, rows=rows, scale=0.4) == pytest.approx(got, rel=1e-12)
+
+
+def test_sweep_recall_is_the_same_with_and_without_shared_weights(tmp_path, monkeypatch):
+    from sparse_linear_attn.bench import runner
+
+    args = ["run", "--variants", "sliding_window:window=[3,9]", "--seq-lens", "40", *TINY, "--causal"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    calls = []
+    monkeypatch.setattr(accuracy, "row_weights", lambda *a, **kw: calls.append(1))  # never called
+    monkeypatch.setattr(runner, "ROW_WEIGHTS_MAX_BYTES", 0)
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert not calls
+    a, b = (read_results(tmp_path / d / "results.jsonl") for d in "ab")
+    assert [r["label"] for r in a] == [r["label"] for r in b] and len(a) == 2
+    for ra, rb in zip(a, b):
+        assert 0 < ra["recall_mean"] < 1
+        assert ra["recall_mean"] == pytest.approx(rb["recall_mean"], rel=1e-12)
+        assert ra["recall_p5"] == pytest.approx(rb["recall_p5"], rel=1e-12)
+
+
 def test_recall_of_static_patterns_matches_an_independent_mask():
     q, k = _qk(B=1, H=2, Hkv=2, nq=40, nk=40)
     rows = accuracy.sample_rows(40, 7)
@@ -79,9 +130,11 @@ def test_recall_of_static_patterns_matches_an_independent_mask():
         band = ((j - i).abs() <= 3) & ((j <= i) if causal else True)
         _, w = softmax_attention(q, k, k, visible(40, 40, causal=causal), scale=0.5)
         expect = (w * band)[:, :, rows].sum(-1)
-        got = accuracy.recall_of(c, q, k, causal=causal, rows=rows, scale=0.5)
-        assert got["recall_mean"] == pytest.approx(float(expect.mean()), rel=1e-12)
-        assert got["recall_p5"] == pytest.approx(float(torch.quantile(expect.flatten(), 0.05)), rel=1e-12)
+        weights = accuracy.row_weights(q, k, causal=causal, rows=rows, scale=0.5)
+        for wts in (None, weights):
+            got = accuracy.recall_of(c, q, k, causal=causal, rows=rows, scale=0.5, weights=wts)
+            assert got["recall_mean"] == pytest.approx(float(expect.mean()), rel=1e-12)
+            assert got["recall_p5"] == pytest.approx(float(torch.quantile(expect.flatten(), 0.05)), rel=1e-12)
     full = accuracy.computed_entries("full", {}, q, k, causal=True, rows=rows, scale=0.5)
     assert accuracy.recall_of(full, q, k, causal=True, rows=rows, scale=0.5) == {"recall_mean": 1.0, "recall_p5": 1.0}
     assert isinstance(accuracy.computed_entries("linear", {}, q, k, causal=False, rows=rows, scale=0.5), str)
@@ -157,8 +210,10 @@ def test_recall_and_density_of_a_data_dependent_variant(data_dependent_variant, 
         assert c.how.startswith("sla.selection") and c.density == pytest.approx(sel.density)
         _, w = softmax_attention(q, k, k, visible(24, 24, causal=causal), scale=0.3)
         expect = (w * sel.dense())[:, :, rows].sum(-1)
-        got = accuracy.recall_of(c, q, k, causal=causal, rows=rows, scale=0.3)
-        assert got["recall_mean"] == pytest.approx(float(expect.mean()), rel=1e-12)
+        weights = accuracy.row_weights(q, k, causal=causal, rows=rows, scale=0.3)
+        for wts in (None, weights):
+            got = accuracy.recall_of(c, q, k, causal=causal, rows=rows, scale=0.3, weights=wts)
+            assert got["recall_mean"] == pytest.approx(float(expect.mean()), rel=1e-12)
     # Through a sweep: density from the selection, FLOPs from it, recall recorded.
     assert main(["run", "--variants", "bench_dd", "--seq-lens", "24", "--out", str(tmp_path), *TINY]) == 0
     (rec,) = read_results(tmp_path / "results.jsonl")
@@ -166,6 +221,131 @@ def test_recall_and_density_of_a_data_dependent_variant(data_dependent_variant, 
     assert rec["recall_method"].startswith("sla.selection") and 0 < rec["recall_mean"] < 1
     reach = (24 + 1) / 2 if rec["causal"] else 24
     assert rec["flops"] == pytest.approx(2 * 1 * 2 * 24 * rec["density"] * reach * 16)
+
+
+def _block_dense(block_mask, bs, heads, nq, nk, causal):
+    """``(B, H, nq, nk)`` entries of a block mask, by plain loops, minus what causality hides."""
+    B, Hkv = block_mask.shape[:2]
+    out = torch.zeros(B, heads, nq, nk, dtype=torch.bool)
+    for b in range(B):
+        for h in range(heads):
+            for i in range(nq):
+                for j in range(nk):
+                    out[b, h, i, j] = bool(block_mask[b, h // (heads // Hkv), i // bs, j // bs])
+    return out & visible(nq, nk, causal=causal)
+
+
+def _pseudo_key_entries(block_mask, bs, heads, nq, nk, causal, params):
+    """Query × pseudo-key entries of ``hybrid``: per query block, the groups of its remainder
+    (the plain-loop ``remainder_groups_naive``) holding at least one unselected key."""
+    from sparse_linear_attn.variants.hybrid import remainder_groups_naive
+
+    chunk, near = params.get("remainder_block") or bs, params.get("remainder_near", 8)
+    ranges = remainder_groups_naive(nq, nk, bs, causal=causal, local_blocks=params.get("local_blocks", 1),
+                                    chunk=chunk, near=near)  # fmt: skip
+    B, Hkv = block_mask.shape[:2]
+    total = 0
+    for b in range(B):
+        for g in range(Hkv):
+            for a, row in enumerate(ranges):
+                queries = min((a + 1) * bs, nq) - a * bs
+                for start, stop in row:
+                    if any(not bool(block_mask[b, g, a, j // bs]) for j in range(start, stop)):
+                        total += queries * (heads // Hkv)
+    return total
+
+
+def _scoreable_pairs(n, bs):
+    """(query block, key block) pairs a strictly causal estimator scores: key block complete at
+    the query block's first query."""
+    nb = -(-n // bs)
+    return sum(1 for a in range(nb) for c in range(nb) if min((c + 1) * bs, n) - 1 <= a * bs)
+
+
+@pytest.mark.parametrize(
+    "variant,params,per_pair",
+    [
+        ("topk_block", {"block_size": 8, "density": 0.4}, lambda bs, D: 2 * D),  # mean_pool: q̄·k̄
+        ("topk_block", {"block_size": 8, "mass": 0.6, "estimator": "key_pool"}, lambda bs, D: 2 * bs * D),
+        ("hybrid", {"block_size": 8, "density": 0.3, "remainder_near": 2}, lambda bs, D: 2 * D),
+        (
+            "hybrid",
+            {"block_size": 8, "density": 0.5, "remainder_block": 4, "estimator": "antidiagonal", "stride": 4},
+            lambda bs, D: 2 * bs * bs * D / 4,
+        ),
+    ],
+)
+def test_bench_records_of_topk_block_and_hybrid(variant, params, per_pair, tmp_path):
+    """The real data-dependent variants through a sweep: density and compressed density of the
+    selection these inputs get, recall against float64 weights on the sampled rows, the error of
+    the call with these parameters, FLOPs from the entries plus the estimator."""
+    from sparse_linear_attn.bench.inputs import make_inputs
+
+    N, H, D, bs = 48, 2, 8, params["block_size"]
+    spec = variant + ":" + ",".join(f"{k}={v}" for k, v in params.items())
+    args = ["run", "--variants", spec, "--seq-lens", str(N), "--causal", "--inputs", "peaked", "--recall-rows", "20",
+            "--reference-dtype", "float64", "--out", str(tmp_path), *TINY]  # fmt: skip
+    assert main(args) == 0
+    (rec,) = read_results(tmp_path / "results.jsonl")
+    assert rec["status"] == "ok", rec["reason"]
+    q, k, v = make_inputs("peaked", 1, H, N, D, causal=True)
+    sel = sla.selection(q, k, variant, causal=True, **params)
+    vis = visible(N, N, causal=True)
+    dense = _block_dense(sel.block_mask, bs, H, N, N, True)
+    assert torch.equal(dense, sel.dense())
+    density = float(dense.sum()) / (float(vis.sum()) * H)
+    assert rec["density"] == pytest.approx(density, rel=1e-12) and 0 < density < 1
+    compressed = 0.0
+    if variant == "hybrid":
+        compressed = _pseudo_key_entries(sel.block_mask, bs, H, N, N, True, params) / (float(vis.sum()) * H)
+        assert compressed > 0
+    assert rec["compressed_density"] == pytest.approx(compressed, rel=1e-12, abs=1e-15)
+    # Recall: float64 weights over the visible keys, summed over the chosen entries, on the 20 rows.
+    rows = accuracy.sample_rows(N, 20)
+    _, w = softmax_attention(q, k, v, vis)
+    mass = (w * dense)[:, :, rows].sum(-1)
+    assert rec["recall_rows"] == 20
+    assert rec["recall_mean"] == pytest.approx(float(mass.mean()), rel=1e-9)
+    assert rec["recall_p5"] == pytest.approx(float(torch.quantile(mass.flatten(), 0.05)), rel=1e-9)
+    # The error is the call's with these parameters: topk_block is a masked softmax over them.
+    exact, _ = softmax_attention(q, k, v, vis)
+    if variant == "topk_block":
+        approx, _ = softmax_attention(q, k, v, dense)
+    else:
+        approx = sla.attention(q.double(), k.double(), v.double(), variant, causal=True, backend="math", **params)
+    err = float((approx - exact).norm() / exact.norm())
+    assert rec["rel_error_vs_full"] == pytest.approx(err, rel=1e-4) and err > 1e-3
+    # FLOPs: 2·(D + Dv) per computed entry, exact or compressed, plus the estimator's logits.
+    entries = (density + compressed) * float(vis.sum()) * H
+    estimator = H * _scoreable_pairs(N, bs) * per_pair(bs, D)
+    assert rec["flops"] == pytest.approx(2 * entries * 2 * D + estimator, rel=1e-12)
+    # Forward and backward: the entries 3.5 times (backward 2.5× forward), the estimator once
+    # (it runs without autograd).
+    from sparse_linear_attn.bench.flops import count_flops
+
+    both = count_flops(variant, params, batch=1, heads=H, nq=N, nk=N, head_dim=D, v_dim=D, causal=True,
+                       backward=True, selection=sel)  # fmt: skip
+    assert both["flops"] == pytest.approx(3.5 * 2 * entries * 2 * D + estimator, rel=1e-12)
+
+
+def test_hybrid_densities_whose_forced_blocks_exceed_the_budget_compute_the_same(tmp_path):
+    """Sink and diagonal blocks count toward the budget and are kept whatever it is: with 4 blocks
+    of 64 at N = 256 (causal) they already exceed ⌈0.3·R⌉ in every row, so density 0.1 and 0.3 are
+    one call; with blocks of 16 the budget decides (the bench passes the parameter through)."""
+    from sparse_linear_attn.bench.inputs import make_inputs
+
+    q, k, _ = make_inputs("local", 1, 2, 256, 16, causal=True)
+    d = {x: sla.selection(q, k, "hybrid", causal=True, density=x) for x in (0.1, 0.3)}
+    assert torch.equal(d[0.1].block_mask, d[0.3].block_mask) and d[0.1].density == d[0.3].density > 0.6
+    args = ["run", "--variants", "hybrid:block_size=[16,64],density=[0.1,0.3]", "--seq-lens", "256", "--causal",
+            "--out", str(tmp_path), *TINY]  # fmt: skip
+    assert main(args) == 0
+    by = {(json.loads(r["params"])["block_size"], json.loads(r["params"])["density"]): r
+          for r in read_results(tmp_path / "results.jsonl")}  # fmt: skip
+    assert by[(64, 0.1)]["density"] == by[(64, 0.3)]["density"]
+    assert by[(64, 0.1)]["rel_error_vs_full"] == by[(64, 0.3)]["rel_error_vs_full"]
+    assert by[(16, 0.1)]["density"] < by[(16, 0.3)]["density"]
+    assert by[(16, 0.1)]["rel_error_vs_full"] > by[(16, 0.3)]["rel_error_vs_full"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,10 +480,20 @@ def test_sweeps_in_a_run_each_point_its_own_record_and_resume(tmp_path, capsys):
 # New columns and the frontier plot.
 
 
-def test_run_records_density_recall_worst_head_and_oracle(tmp_path):
+def test_run_records_density_recall_worst_head_and_oracle(tmp_path, monkeypatch):
+    built = []
+    dense_mask = sla.dense_mask
+
+    def counting(name, *args, **kw):
+        built.append((name, kw.get("window")))
+        return dense_mask(name, *args, **kw)
+
+    monkeypatch.setattr(sla, "dense_mask", counting)
     args = ["run", "--variants", "full", "sliding_window:window=[2,8]", "linear", "oracle:density=[0.25,0.5]",
             "--seq-lens", "32", "--causal", "--inputs", "local,peaked", "--out", str(tmp_path), *TINY]  # fmt: skip
     assert main(args) == 0
+    # A static pattern's mask does not depend on the inputs: built once for both kinds.
+    assert sorted(built) == [("sliding_window", 2), ("sliding_window", 8)]
     recs = read_results(tmp_path / "results.jsonl")
     assert {r["inputs"] for r in recs} == {"local", "peaked"} and len(recs) == 2 * 6
     by = {(r["inputs"], r["label"]): r for r in recs}

@@ -4,7 +4,10 @@ For every variant with a cache, a sequence of 37 tokens is fed as a prefill of 0
 block − 1, block or 36 tokens followed by one-token steps, and as random chunk splits; the
 concatenated outputs must equal ``sla.attention(q, k, v, variant, causal=True)`` over the whole
 sequence (float64 to 1e-10, float32 to 1e-5). The exact variants are also checked against an
-independent masked softmax (tests/_reference.py). Then: cache state after one prefill equals
+independent masked softmax (tests/_reference.py). Caches whose steps approximate the one-shot
+call (``Cache.exact`` False: ``topk_block``, ``hybrid``) are held here only to giving the same
+outputs and state for every split; tests/test_decoding_adaptive.py holds them to what must be
+exact. Then: cache state after one prefill equals
 the state after token steps; left-padded batches stay masked; ``reorder``; refusals (another
 variant's call, other parameters, past ``max_len``); memory and preallocation.
 """
@@ -143,10 +146,10 @@ def test_random_chunk_splits_equal_one_shot(case):
         assert_close(out, ref, 1e-10)
 
 
-def _registry_examples():
-    """Every registered variant with an exact cache, with each parameter set of its spec's
-    ``examples`` (those the conformance suite runs) and its defaults: variants added later
-    are covered without a line here."""
+def _registry_examples(exact: bool):
+    """Every registered variant whose cache is ``exact`` (or not), with each parameter set of
+    its spec's ``examples`` (those the conformance suite runs) and its defaults: variants added
+    later are covered without a line here."""
     from sparse_linear_attn import registry
     from sparse_linear_attn.decoding import FAMILIES
 
@@ -154,20 +157,37 @@ def _registry_examples():
     for name in sla.available_variants():
         spec = registry.get(name)
         family = FAMILIES.get(spec.cache_family or "")
-        if family is None or not family.exact or spec.module is not None:
+        if family is None or family.exact != exact or spec.module is not None:
             continue
         for i, params in enumerate([{}, *spec.examples]):
             out.append(pytest.param(name, dict(params), id=f"{name}-{i}"))
     return out
 
 
-@pytest.mark.parametrize("variant, params", _registry_examples())
+@pytest.mark.parametrize("variant, params", _registry_examples(exact=True))
 def test_every_cached_variant_and_its_examples_decode_like_one_shot(variant, params):
     q, k, v = qkv(n=29)
     ref = sla.attention(q, k, v, variant, causal=True, **params)
     for splits in ([29], [1] * 29, [5, 1, 1, 13, 9]):
         out, _ = decode(variant, params, q, k, v, splits)
         assert_close(out, ref, 1e-10)
+
+
+@pytest.mark.parametrize("variant, params", _registry_examples(exact=False))
+def test_every_approximate_cache_gives_one_output_and_state_whatever_the_split(variant, params):
+    # A cache whose steps approximate the one-shot call (Cache.exact False: a per-query block
+    # selection) is not held to it here — its own tests measure and bound the gap — but
+    # chunked prefill and token steps are still the same call: every split of the sequence
+    # into calls gives the same outputs and the same state.
+    q, k, v = qkv(n=29)
+    kpm = torch.zeros(B, 29, dtype=torch.bool)
+    kpm[0, :3] = True
+    ref, one = decode(variant, params, q, k, v, [29], kpm=kpm)
+    assert torch.isfinite(ref).all() and torch.all(ref[0, :, :3] == 0)
+    for splits in ([1] * 29, [5, 1, 1, 13, 9]):
+        out, cache = decode(variant, params, q, k, v, splits, kpm=kpm)
+        assert_close(out, ref, 1e-10)
+        _states_close(cache.state_dict(), one.state_dict(), 1e-10)
 
 
 EXACT = [c for c, (variant, _) in CASES.items() if sla.describe(variant).exact]
@@ -601,19 +621,25 @@ def test_sla_bench_decode_records_latency_and_cache_memory(tmp_path, capsys):
     from sparse_linear_attn.bench.cli import main
 
     argv = ["decode", "--variants", "full", "sliding_window:window=16", "performer:num_features=8",
-            "--contexts", "64,256", "--batch", "1", "2", "--heads", "2", "--head-dim", "8", "--steps", "2",
-            "--rounds", "1", "--out", str(tmp_path)]  # fmt: skip
+            "topk_block:block_size=16", "--contexts", "64,256", "--batch", "1", "2", "--heads", "2", "--head-dim",
+            "8", "--steps", "2", "--rounds", "1", "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "cpu pressure before" in printed and "ms/token" in printed
     rows = [json.loads(line) for line in (tmp_path / "decode.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 * 2 * 2
+    assert len(rows) == 4 * 2 * 2
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "decode.png").stat().st_size > 0
     by = {(r["variant"], r["batch"], r["context"]): r for r in rows}
     assert all(r["ms_per_token"] > 0 for r in rows)
     # full keeps every key (its cache grows with the context, preallocated to context + steps);
     # the ring and the recurrent state do not grow.
     assert by[("full", 1, 256)]["cache_bytes"] == 2 * 2 * (256 + 2) * 8 * 4 + (256 + 2)
     assert by[("full", 1, 256)]["cache_bytes"] > 3 * by[("full", 1, 64)]["cache_bytes"]
+    # topk_block keeps every key too (in whole blocks of 16), plus a pooled key per block.
+    topk = by[("topk_block:block_size=16", 1, 256)]["cache_bytes"]
+    # k and v (2 kv heads × 272 positions × 8), padding flags, pooled keys and counts of 17 blocks.
+    assert topk == 2 * 2 * 272 * 8 * 4 + 272 + 2 * 17 * 8 * 4 + 17 * 4
     for label in ("sliding_window:window=16", "performer:num_features=8"):
         assert by[(label, 2, 64)]["cache_bytes"] == by[(label, 2, 256)]["cache_bytes"]
         assert by[(label, 2, 64)]["cache_bytes"] == 2 * by[(label, 1, 64)]["cache_bytes"]

@@ -17,8 +17,9 @@ only decides which entries a variant computes:
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +84,13 @@ def _selection_rows(sel: Any, rows: torch.Tensor, heads: int, nk: int) -> torch.
     return m.repeat_interleave(heads // m.shape[1], dim=1)
 
 
+def _mask_key(name: str, params: Mapping[str, Any], n: int, nk: int, causal: bool, rows: torch.Tensor):
+    """Cache key of a static pattern's rows, or None when a parameter is a tensor (a layout)."""
+    if any(isinstance(v, torch.Tensor) for v in params.values()):
+        return None
+    return (name, json.dumps(dict(params), sort_keys=True, default=str), n, nk, causal, tuple(rows.tolist()))
+
+
 def computed_entries(
     name: str,
     params: Mapping[str, Any],
@@ -92,11 +100,16 @@ def computed_entries(
     causal: bool,
     rows: torch.Tensor,
     scale: float,
+    cache: MutableMapping[Any, torch.Tensor] | None = None,
 ) -> Computed | str:
     """What a variant computes exactly on ``rows``, or a string saying why it is not known.
 
     Data-dependent variants come first: ``hybrid`` is not exact as a whole (its remainder is
-    compressed) but its selected blocks are, and their recall is what its exact part keeps."""
+    compressed) but its selected blocks are, and their recall is what its exact part keeps.
+
+    ``cache``: a mapping kept across calls (a sweep keeps one) for the rows of static patterns,
+    which do not depend on the inputs: building a dense mask at N = 16K takes seconds, and a
+    sweep over several input kinds would build the same one for each."""
     spec = registry.get(name)
     B, H, N, _ = q.shape
     Nk = k.shape[2]
@@ -122,21 +135,80 @@ def computed_entries(
     entries = per_head * N * Nk
     if entries > DENSE_MASK_ENTRIES:
         return f"dense mask of {entries:.3g} entries over the limit of {DENSE_MASK_ENTRIES:.3g} (N = 16K)"
+    key = None if cache is None else _mask_key(name, params, N, Nk, causal, rows)
+    if cache is not None and key is not None and key in cache:
+        return Computed(cache[key].to(q.device), "sla.dense_mask")
     from .memory import available_bytes
 
     if MASK_FN_BYTES_PER_ENTRY * entries > available_bytes(torch.device("cpu")) // 2:
         return "dense mask skipped: building it would take over half the available memory"
     mask = sla.dense_mask(name, N, Nk, causal=causal, **dict(params))
-    return Computed(mask[..., rows.to(mask.device), :].to(q.device), "sla.dense_mask")
+    picked = mask[..., rows.to(mask.device), :].clone()  # the rows only: the N×N mask is freed
+    del mask
+    if cache is not None and key is not None:
+        cache[key] = picked
+    return Computed(picked.to(q.device), "sla.dense_mask")
+
+
+def row_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    causal: bool,
+    rows: torch.Tensor,
+    scale: float,
+    chunk_bytes: int = 64 << 20,
+) -> torch.Tensor:
+    """Exact float64 softmax weights ``p (B, H, R, Nk)`` of ``rows`` (0 where a key is not
+    visible; all 0 in a row that sees no key), for :func:`recall_of` to share across variants.
+
+    ``p_ij = e^{s_ij − lse_i}``, ``s = q·kᵀ·scale``, bottom-right causal; grouped-query ``k``.
+    ``O(R·Nk·D)`` time in chunks of rows of about ``chunk_bytes`` of scores; holds ``8·B·H·R·Nk``
+    bytes (400 MB for 12 heads, 256 rows, N = 16K)."""
+    B, H, Nq, _ = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    kk = k.detach().to(torch.float64).repeat_interleave(H // Hkv, dim=1)
+    rows = rows.to(q.device)
+    out = torch.empty(B, H, rows.numel(), Nk, dtype=torch.float64, device=q.device)
+    step = max(1, chunk_bytes // max(1, B * H * Nk * 8))
+    cols = torch.arange(Nk, device=q.device)
+    for r0 in range(0, rows.numel(), step):
+        idx = rows[r0 : r0 + step]
+        s = torch.matmul(q.detach()[:, :, idx].to(torch.float64), kk.transpose(-1, -2)) * scale
+        if causal:
+            s.masked_fill_(cols[None, :] > idx[:, None] + (Nk - Nq), float("-inf"))
+        lse = torch.logsumexp(s, dim=-1, keepdim=True)
+        # A row with no visible key has lse = -inf; its weights are 0 (exp(-inf - 0)).
+        out[:, :, r0 : r0 + idx.numel()] = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0))
+    return out
 
 
 def recall_of(
-    computed: Computed, q: torch.Tensor, k: torch.Tensor, *, causal: bool, rows: torch.Tensor, scale: float
+    computed: Computed,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    causal: bool,
+    rows: torch.Tensor,
+    scale: float,
+    weights: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """``recall_mean``/``recall_p5`` of the computed entries on ``rows``."""
+    """``recall_mean``/``recall_p5`` of the computed entries on ``rows``.
+
+    ``weights``: :func:`row_weights` of the same ``q, k, causal, rows, scale``, computed once
+    for every variant of a benchmark point (the recall is then a masked sum, not a new pass
+    over the scores); None computes the recall through :func:`attention_recall`."""
     if computed.mask is None:
         return {"recall_mean": 1.0, "recall_p5": 1.0}  # every visible key: all the mass
-    rec = attention_recall(q, k, computed.mask, scale=scale, causal=causal, rows=rows)
+    if weights is None:
+        return recall_stats(attention_recall(q, k, computed.mask, scale=scale, causal=causal, rows=rows))
+    mask = torch.broadcast_to(computed.mask.to(weights.device), weights.shape)
+    rec = torch.empty(weights.shape[:-1], dtype=torch.float64, device=weights.device)
+    for b in range(weights.shape[0]):  # one head at a time: no second B·H·R·Nk buffer
+        for h in range(weights.shape[1]):
+            p = weights[b, h]
+            inside = (p * mask[b, h]).sum(-1)
+            rec[b, h] = torch.where(p.sum(-1) > 0, inside, 1.0)  # a row that sees no key misses nothing
     return recall_stats(rec)
 
 

@@ -1,9 +1,10 @@
 """``sla-bench decode``: per-token latency and cache memory of incremental decoding vs context length.
 
 For each variant, batch size and context length ``n``, a cache is filled with ``n`` positions
-of random keys and values, then one-token steps are timed. Caches that keep every key of a
-``kv`` family (``full``, ``dot_product``) are filled with ``load_state_dict`` (a quadratic
-prefill would only cost time); every other cache runs its own chunked prefill. The caches of
+of random keys and values, then one-token steps are timed. Caches of the ``kv`` and
+``block_select`` families (``full``, ``dot_product``, ``topk_block``, ``hybrid``) are filled with
+``load_state_dict`` (a quadratic prefill would only cost time; ``block_select`` caches rebuild
+their pooled keys and sums from the keys); every other cache runs its own chunked prefill. The caches of
 all lengths of one (variant, batch) exist together and are timed in interleaved rounds, so that
 load on a shared machine hits every length alike (in alternating order): each round times
 ``--steps`` steps per length and keeps their median; the figure is the best round. Cache memory is ``cache.nbytes``
@@ -29,7 +30,11 @@ DEFAULT_DECODE_VARIANTS = (
     "block_sparse",
     "linear",
     "performer:num_features=256",
+    "topk_block",
+    "hybrid",
 )
+#: Cache families filled by loading random keys (their state is the keys, or derived from them).
+KEY_LOADED_FAMILIES = ("kv", "block_select")
 #: Positions per prefill call while filling a cache.
 PREFILL_CHUNK = 4096
 
@@ -77,7 +82,7 @@ def fill(cache, n: int, *, heads: int, gen: torch.Generator) -> None:
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(**f)
 
-    if cache.family == "kv":
+    if cache.family in KEY_LOADED_FAMILIES:
         cache.load_state_dict(
             {
                 "variant": cache.variant,
@@ -186,6 +191,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
           f"{device} threads={torch.get_num_threads()} steps={args.steps} rounds={args.rounds}")  # fmt: skip
     print(f"# cpu pressure before: {_pressure()}")
     print(f"{'variant':40} {'B':>3} {'context':>8} {'ms/token':>9} {'cache MiB':>10}")
+    records: list[dict[str, Any]] = []
     for variant in variants:
         for batch in args.batch:
             rows = measure(
@@ -198,12 +204,68 @@ def cmd_decode(args: argparse.Namespace) -> int:
                 if out is not None:
                     with out.open("a") as f:
                         f.write(json.dumps(r) + "\n")
+            records += rows
             first, last = rows[0], rows[-1]
             print(f"#   {variant.label} B={batch}: {last['context']}/{first['context']} tokens -> time x"
                   f"{last['ms_per_token'] / first['ms_per_token']:.2f}, memory x"
                   f"{last['cache_bytes'] / first['cache_bytes']:.2f}")  # fmt: skip
     print(f"# cpu pressure after: {_pressure()}")
+    if args.out:
+        png = plot_decode(records, Path(args.out) / "decode.png")
+        print(f"wrote {png}" if png else "note: matplotlib is not installed; no decode.png")
     return 0
 
 
-__all__ = ["DEFAULT_DECODE_VARIANTS", "add_decode_parser", "cmd_decode", "fill", "measure"]
+def plot_decode(records: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """Per-token time and cache memory against context length, one line per (variant, batch),
+    from :func:`measure`'s records; ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    lines: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in records:
+        lines.setdefault((r["variant"], r["batch"]), []).append(r)
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
+    cmap = plt.get_cmap("tab10")
+    names = list(dict.fromkeys(v for v, _ in lines))
+    for (name, batch), rows in lines.items():
+        rows = sorted(rows, key=lambda r: r["context"])
+        x = [r["context"] for r in rows]
+        style = dict(
+            color=cmap(names.index(name) % 10), marker="o", ms=3, ls="-" if batch == min(b for _, b in lines) else "--"
+        )
+        ax_t.plot(x, [r["ms_per_token"] for r in rows], label=f"{name}, B={batch}", **style)
+        ax_m.plot(x, [r["cache_bytes"] / 2**20 for r in rows], **style)
+    first = records[0] if records else {}
+    for ax, ylabel in ((ax_t, "ms per token (best round's median)"), (ax_m, "cache memory, MiB (cache.nbytes)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize=7)
+    fig.suptitle(
+        f"sla-bench decode: heads={first.get('heads')} kv_heads={first.get('kv_heads')} "
+        f"head_dim={first.get('head_dim')} {first.get('dtype')} {first.get('device')} threads={first.get('threads')}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = [
+    "DEFAULT_DECODE_VARIANTS",
+    "KEY_LOADED_FAMILIES",
+    "add_decode_parser",
+    "cmd_decode",
+    "fill",
+    "measure",
+    "plot_decode",
+]

@@ -110,16 +110,18 @@ def count_flops(
     Data-dependent variants (``topk_block``, ``hybrid``) are counted from ``selection`` (the
     ``sla.selection`` of the measured inputs): each computed entry, exact or compressed, costs
     ``2·(D + Dv)`` like any score-and-value pair, plus the built-in estimator's logits
-    (:func:`selection_flops`; a user estimator is not counted, and the method says so).
+    (:func:`selection_flops`; a user estimator is not counted, and the method says so). With
+    ``backward`` the entries count 3.5× and the estimator once: it runs without autograd.
     """
     spec = registry.get(name)
     out: dict[str, Any] = {"flops": None, "avg_visible_keys": None, "flops_method": None}
     resolved = spec.resolve_params(dict(params))
+    once = 0.0  # FLOPs a backward pass does not repeat (the estimator runs without autograd)
     if spec.data_dependent:
         if selection is None:
             out["flops_method"] = "not counted: a data-dependent variant is counted from the selection of its inputs"
             return out
-        fwd, kbar, method = selection_flops(
+        fwd, once, kbar, method = selection_flops(
             selection, resolved, batch=batch, heads=heads, head_dim=head_dim, v_dim=v_dim
         )
         out.update(avg_visible_keys=kbar, flops_method=method)
@@ -149,7 +151,7 @@ def count_flops(
     else:
         out["flops_method"] = "not counted: no FLOP model for this variant"
         return out
-    out["flops"] = fwd * (1.0 + BACKWARD_FACTOR) if backward else fwd
+    out["flops"] = (fwd * (1.0 + BACKWARD_FACTOR) if backward else fwd) + once
     return out
 
 
@@ -174,9 +176,10 @@ def estimator_flops(name: str, params: Mapping[str, Any], *, batch: int, heads: 
 
 
 def selection_flops(selection: Any, params: Mapping[str, Any], *, batch: int, heads: int, head_dim: int,
-                    v_dim: int) -> tuple[float, float, str]:  # fmt: skip
-    """``(forward FLOPs, average entries per query, method)`` of a data-dependent call from its
-    selection: ``2·(exact + compressed entries)·(D + Dv)`` plus the estimator's logits."""
+                    v_dim: int) -> tuple[float, float, float, str]:  # fmt: skip
+    """``(forward FLOPs of the entries, estimator FLOPs, average entries per query, method)`` of a
+    data-dependent call from its selection: ``2·(exact + compressed entries)·(D + Dv)``, and the
+    estimator's logits apart (0 where not counted), since a backward pass repeats only the former."""
     from ..variants.full import full_visible_keys
 
     nq, nk, causal = selection.nq, selection.nk, selection.causal
@@ -189,11 +192,11 @@ def selection_flops(selection: Any, params: Mapping[str, Any], *, batch: int, he
     )
     name = params.get("estimator")
     if name is None or "block_size" not in params:  # a user's data-dependent variant
-        return fwd, kbar, method + " (what chose them not counted)"
+        return fwd, 0.0, kbar, method + " (what chose them not counted)"
     est = estimator_flops(name, params, batch=batch, heads=heads, nq=nq, nk=nk, head_dim=head_dim, causal=causal)
     if est is None:
-        return fwd, kbar, method + f"; estimator {name!r} not counted"
-    return fwd + est, kbar, method + f", plus the {name} estimator's logits ({est:.3g})"
+        return fwd, 0.0, kbar, method + f"; estimator {name!r} not counted"
+    return fwd, est, kbar, method + f", plus the {name} estimator's logits ({est:.3g})"
 
 
 def oracle_flops(

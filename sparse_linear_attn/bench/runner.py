@@ -291,8 +291,12 @@ class _Point:
     """Inputs, sampled rows and cached references for one (input kind, causal mode, length),
     shared by every variant."""
 
-    def __init__(self, s: SweepSettings, kind: str, causal: bool, n: int, device: torch.device):
+    def __init__(self, s: SweepSettings, kind: str, causal: bool, n: int, device: torch.device,
+                 mask_rows: dict[Any, torch.Tensor] | None = None):  # fmt: skip
         self.kind, self.causal, self.n = kind, causal, n
+        #: Sampled rows of static pattern masks, shared by every point of the sweep (they do
+        #: not depend on the inputs).
+        self.mask_rows: dict[Any, torch.Tensor] = {} if mask_rows is None else mask_rows
         self.device = device
         self.dtype = DTYPES[s.dtype]
         self.notes: list[str] = []
@@ -310,6 +314,8 @@ class _Point:
             self.q, self.k, self.v = self._cast(made)
         self.rows = accuracy.sample_rows(n, s.recall_rows, device=device)
         self.refs: dict[Any, tuple[torch.Tensor | None, str]] = {}
+        #: Exact softmax weights of ``rows`` (``accuracy.row_weights``), made at the first recall.
+        self.weights: dict[float, torch.Tensor] = {}
         self.oracles: dict[tuple[float, ...], dict[float, dict[str, float]]] = {}
 
     def _cast(self, qkv):
@@ -486,7 +492,8 @@ def _timings(step: Callable[[], torch.Tensor], dev: torch.device, s: SweepSettin
 
 def _computed(bv: BenchVariant, pt: _Point, scale: float) -> accuracy.Computed | str:
     try:
-        return accuracy.computed_entries(bv.name, bv.params, pt.q, pt.k, causal=pt.causal, rows=pt.rows, scale=scale)
+        return accuracy.computed_entries(bv.name, bv.params, pt.q, pt.k, causal=pt.causal, rows=pt.rows, scale=scale,
+                                         cache=pt.mask_rows)  # fmt: skip
     except Exception as e:  # noqa: BLE001 — recorded, the sweep goes on
         return f"computed entries unknown: {type(e).__name__}: {e}"[:500]
 
@@ -523,7 +530,8 @@ def _errors(out: torch.Tensor, bv: BenchVariant, pt: _Point, s: SweepSettings, b
             if isinstance(computed, str):
                 rec["recall_method"] = computed
             else:
-                rec.update(accuracy.recall_of(computed, pt.q, pt.k, causal=pt.causal, rows=pt.rows, scale=scale))
+                rec.update(accuracy.recall_of(computed, pt.q, pt.k, causal=pt.causal, rows=pt.rows, scale=scale,
+                                              weights=_row_weights(pt, scale, computed)))  # fmt: skip
                 rec["recall_rows"] = int(pt.rows.numel())
                 rec["recall_method"] = computed.how
     if pt.kind == "real":
@@ -539,6 +547,25 @@ def _errors(out: torch.Tensor, bv: BenchVariant, pt: _Point, s: SweepSettings, b
             except Exception as e:  # noqa: BLE001 — recorded, the sweep goes on
                 rec["e2e_note"] = f"end-to-end failed: {type(e).__name__}: {e}"[:500]
     return rec
+
+
+#: Most bytes a point's cached exact row weights may take (else each recall recomputes its rows).
+ROW_WEIGHTS_MAX_BYTES = 1 << 30
+
+
+def _row_weights(pt: _Point, scale: float, computed: accuracy.Computed) -> torch.Tensor | None:
+    """The point's exact weights on its sampled rows, made once and shared by every variant's
+    recall (each would otherwise redo the float64 scores of those rows), or
+    None where they would not fit."""
+    if computed.mask is None:
+        return None
+    if scale not in pt.weights:
+        B, H, N, _ = pt.shape
+        need = 8 * B * H * int(pt.rows.numel()) * pt.k.shape[2]
+        if need > min(ROW_WEIGHTS_MAX_BYTES, available_bytes(pt.device) // 4):
+            return None
+        pt.weights[scale] = accuracy.row_weights(pt.q, pt.k, causal=pt.causal, rows=pt.rows, scale=scale)
+    return pt.weights[scale]
 
 
 def _layer_errors(bv: BenchVariant, pt: _Point, s: SweepSettings, backend: str, scale: float, out) -> dict[str, Any]:
@@ -721,6 +748,7 @@ def run_sweep(
     writer = ResultWriter(path)
     results: list[dict[str, Any]] = []
     point: _Point | None = None
+    mask_rows: dict[Any, torch.Tensor] = {}
     point_key = None
     point_failure: dict[str, Any] | None = None
     try:
@@ -745,7 +773,7 @@ def run_sweep(
                     }
                 else:
                     try:
-                        point = _Point(s, kind, c, n, device)
+                        point = _Point(s, kind, c, n, device, mask_rows)
                     except Exception as e:  # noqa: BLE001
                         point_failure = {
                             "status": "oom" if is_oom(e) else "error",

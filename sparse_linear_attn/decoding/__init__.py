@@ -14,7 +14,10 @@ to the class that keeps what the family needs:
   ``max_len`` — :mod:`.kv`;
 * ``window`` (``sliding_window``): a ring of ``sinks + window`` slots — :mod:`.window`;
 * ``block_sparse``: every key and value, attended through the layout's rows — :mod:`.blocks`;
-* ``recurrent`` / ``performer`` (``linear``, ``performer``): the state ``[S, z]`` — :mod:`.recurrent`.
+* ``recurrent`` / ``performer`` (``linear``, ``performer``): the state ``[S, z]`` — :mod:`.recurrent`;
+* ``block_select`` (``topk_block``, ``hybrid``): every key, pooled keys per block and a block
+  selection per query (Quest-style; it approximates the one-shot selection, ``exact = False``)
+  — :mod:`.select`.
 
 A new family subclasses :class:`Cache` and is added with :func:`register_cache_family`.
 """
@@ -34,11 +37,12 @@ from .base import Cache, CacheView, attend_one_shot
 from .blocks import BlockSparseCache
 from .kv import KVCache
 from .recurrent import PerformerCache, RecurrentCache
+from .select import BlockSelectCache
 from .window import WindowCache
 
 #: Cache family name -> its class (``VariantSpec.cache_family`` names one).
 FAMILIES: dict[str, type[Cache]] = {
-    c.family: c for c in (KVCache, WindowCache, BlockSparseCache, RecurrentCache, PerformerCache)
+    c.family: c for c in (KVCache, WindowCache, BlockSparseCache, RecurrentCache, PerformerCache, BlockSelectCache)
 }
 
 
@@ -126,6 +130,7 @@ def make_cache(
 
 __all__ = [
     "FAMILIES",
+    "BlockSelectCache",
     "BlockSparseCache",
     "Cache",
     "CacheView",

@@ -12,7 +12,7 @@ one-shot call. Memory ``B·Hkv·capacity·(D + Dv)`` elements plus ``B·capacity
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -28,7 +28,7 @@ class KVCache(Cache):
     ``pad (B, capacity)`` (True = padded key), filled up to ``seq_len``."""
 
     family = "kv"
-    _buffers = ("k", "v", "pad")
+    _buffers: ClassVar[tuple[str, ...]] = ("k", "v", "pad")
 
     def __init__(self, spec, params, **kw):
         super().__init__(spec, params, **kw)

@@ -615,6 +615,7 @@ add(
         impls={"torch": Impl(hybrid_torch), "math": Impl(hybrid_reference)},
         check_params=_check_params,
         selection_fn=hybrid_selection,
+        cache_family="block_select",
         examples=(
             {"block_size": 4, "density": 0.3},
             {"block_size": 4, "density": 0.25, "remainder_block": 2, "remainder_near": 2, "estimator": "key_pool"},

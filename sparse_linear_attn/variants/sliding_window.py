@@ -59,10 +59,11 @@ SCORE_ELEMENTS = 1 << 19
 
 def sliding_window_mask(nq: int, nk: int, *, causal: bool = False, window: int = 256, sinks: int = 0) -> torch.Tensor:
     """Bool ``(nq, nk)``: True where query ``i`` may see key ``j`` (the definition above). O(nq·nk)."""
+    # Compare (nq, 1) against (1, nk) bounds: only the bool result is (nq, nk), never an int64 one
+    # (which would be 8× the mask: 2 GiB at 16K).
     i = torch.arange(nq)[:, None] + causal_offset(nq, nk)
     j = torch.arange(nk)[None, :]
-    d = j - i
-    band = (d >= -window) & (d <= (0 if causal else window))
+    band = (j >= i - window) & (j <= (i if causal else i + window))
     return band | ((j < sinks) & ((j <= i) if causal else True))
 
 

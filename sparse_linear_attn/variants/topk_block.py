@@ -222,6 +222,7 @@ add(
         },
         check_params=check_selection_params,
         selection_fn=topk_selection,
+        cache_family="block_select",
         examples=(
             {"block_size": 4, "density": 0.5},
             {"block_size": 4, "density": 0.3, "estimator": "key_pool", "sink_blocks": 0},
