@@ -41,6 +41,7 @@ from ..backends.math import dense_attention
 from ..backends.partial import partial_attention
 from ..backends.sdpa import masked_sdpa, open_empty_rows
 from ..backends.tiles import tile_attention, use_bmm_tiles
+from ..backends.workers import run_tasks
 from ..errors import ParameterError, unknown_name_message
 from ..inputs import causal_offset, full_visibility
 from ..patterns import PATTERNS, pattern_rule, shared_pattern_layout
@@ -54,6 +55,10 @@ GROUP_ELEMENTS = 1 << 20
 GRAD_GROUP_ELEMENTS = 1 << 22
 #: On accelerators (unmeasured here) larger groups mean fewer kernel launches.
 DEVICE_GROUP_ELEMENTS = 1 << 23
+#: Gathered key-tile elements of a CPU call without autograd from which its groups run on
+#: single-threaded workers, one per torch thread (:mod:`~sparse_linear_attn.backends.workers`);
+#: smaller calls are not worth the hand-over.
+PARALLEL_ELEMENTS = 1 << 20
 #: Rows of one width needed to give them a group of their own with a shared constant mask.
 MIN_UNIFORM_ROWS = 8
 
@@ -208,6 +213,10 @@ def _diagonal_mask(c: int, bs: int, dtype: torch.dtype, device: torch.device) ->
     return mask
 
 
+#: Scratch lent to every group of one worker without autograd: (q tiles, k tiles, v tiles, scores).
+_Buffers = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
 @dataclass
 class _TilePlan:
     """What every group of one call shares (see :func:`block_attention`)."""
@@ -230,12 +239,10 @@ class _TilePlan:
     bmm: bool  # run tiles through tile_attention (CPU, no grad, float32/64) instead of SDPA
     lse: bool = False  # also return each query's log-sum-exp (float32 at least; −inf: no key)
     dropout: Dropout | None = None  # attention dropout: groups run dropout_attention
-    # (k tiles, v tiles, scores) buffers lent to every group when there is no autograd.
-    bufs: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
 
 def _group_mask(plan: _TilePlan, kpm, rows, kb, nqp: int, nkp: int, kv_heads: int) -> torch.Tensor:
-    """Bool ``(B|1, g, bs|1, c·bs)``: which gathered keys each query of the group may see."""
+    """Bool ``(g, B|1, bs|1, c·bs)``: which gathered keys each query of the group may see."""
     bs, nk, dev = plan.bs, plan.nk, rows.device
     g, c = kb.shape
     a = rows % (nqp // bs)
@@ -248,19 +255,19 @@ def _group_mask(plan: _TilePlan, kpm, rows, kb, nqp: int, nkp: int, kv_heads: in
         limit = a[:, None] * bs + ar + causal_offset(plan.nq, nk)
     else:
         limit = torch.full((g, 1), nk - 1, device=dev)
-    mask = (j[:, None, :] <= limit[:, :, None])[None]
+    mask = (j[:, None, :] <= limit[:, :, None])[:, None]
     if kpm is not None:
         j = j.clamp(max=nkp - 1)
         if plan.rows == "batch_kv":  # each row belongs to one batch row
             b = rows // (nqp // bs) // kv_heads
-            mask = mask & ~kpm[b[:, None], j][None, :, None, :]
+            mask = mask & ~kpm[b[:, None], j][:, None, None, :]
         else:
-            mask = mask & ~kpm[:, j][:, :, None, :]
+            mask = mask & ~kpm[:, j].transpose(0, 1)[:, :, None, :]
     return mask
 
 
 def _group_heads(plan: _TilePlan, rows, B: int, H: int, Hkv: int, nqb: int):
-    """``(batch, query heads, kv heads)`` index tensors of a group's rows, broadcastable to
+    """``(batch, query heads, kv heads)`` index tensors of the given rows, broadcastable to
     ``(B', g, H')`` and ``(B', g, Hk')`` (``B' = 1`` when each row has its own batch row)."""
     dev = rows.device
     if plan.rows == "batch_kv":
@@ -274,58 +281,88 @@ def _group_heads(plan: _TilePlan, rows, B: int, H: int, Hkv: int, nqb: int):
     return bi, torch.arange(H, device=dev)[None, None, :], torch.arange(Hkv, device=dev)[None, None, :]
 
 
-def _group(plan: _TilePlan, q, k, v, kpm, rows, mask_kind: str | None, diagonal=None):
+def _row_entries(rows: str, B: int, H: int, Hkv: int) -> tuple[int, int, int]:
+    """``(B', H', Hk')``: batch rows, query heads and kv heads each row of this kind serves."""
+    return {"shared": (B, H, Hkv), "head": (B, 1, 1), "batch_kv": (1, H // Hkv, 1)}[rows]
+
+
+def _tile_indices(plan: _TilePlan, rows, widths, B: int, H: int, Hkv: int, nqb: int, nkb: int):
+    """The tiles every row gathers, row after row, for the whole call at once.
+
+    ``rows`` (R,) in processing order, ``widths`` (R,) key blocks gathered for each (a row is
+    padded to the widest of its group). Returns ``(qidx, kidx)``: rows of ``q.view(-1, bs·D)``,
+    ``(R, B', H')`` flattened, and rows of ``k.view(-1, bs·D)`` (also of ``v``), each row's
+    ``(B', Hk', width)`` after the previous row's. O(gathered tiles) memory.
+    """
+    dev = rows.device
+    R = rows.shape[0]
+    bi, h, hk = _group_heads(plan, rows, B, H, Hkv, nqb)
+    qidx = ((bi * H + h) * nqb + (rows % nqb)[None, :, None]).transpose(0, 1).reshape(-1)
+    kbase = ((bi * Hkv + hk) * nkb).expand(bi.shape[0], R, hk.shape[-1]).transpose(0, 1).reshape(R, -1)
+    per_row = kbase.shape[1] * widths
+    row = torch.repeat_interleave(torch.arange(R, device=dev), per_row)
+    at = torch.arange(row.shape[0], device=dev) - (torch.cumsum(per_row, 0) - per_row)[row]
+    w = widths[row]
+    kidx = kbase[row, at // w] + plan.cols[rows[row], at % w]
+    return qidx, kidx
+
+
+def _group(
+    plan: _TilePlan, q, k, v, kpm, rows, qidx, kidx, c: int, mask_kind: str | None, diagonal=None, out=None, lse=None,
+    bufs: _Buffers | None = None,
+):  # fmt: skip
     """Attention of one group of rows over their gathered key tiles.
 
-    Returns ``(out, lse, qidx)``: ``out (B'·g·H', bs·Dv)``, each query's log-sum-exp
-    ``(B'·g·H', bs)`` when ``plan.lse`` (else None), and the rows of ``q.view(-1, bs, D)`` they
-    belong to. Shared layout: ``rows`` are query blocks and all batch rows and heads run
-    together (grouped-query heads share their key tiles, ``H' = H``). Per-head layout: ``rows``
-    are flat ``head·nqb + block`` indices (``H' = 1``). Per (batch, kv head): ``rows`` are flat
-    ``(b·Hkv + kv head)·nqb + block`` indices with the kv head's query heads (``B' = 1``,
-    ``H' = H/Hkv``). Tiles are gathered with ``index_select`` on whole ``(bs, D)`` tiles,
-    straight into the kernel's layout. ``mask_kind``: ``None`` (every gathered key visible),
-    ``"diagonal"`` (all visible but the last tile, the causal diagonal; ``diagonal`` is its
-    prebuilt additive mask) or ``"general"`` (a mask built per row).
+    Returns ``(out, lse)``: ``out (g·B'·H', bs·Dv)``, each query's log-sum-exp ``(g·B'·H', bs)``
+    when ``plan.lse`` (else None), for the rows ``qidx`` of ``q.view(-1, bs, D)``, in that order
+    (:func:`_tile_indices`); written into ``out`` (and ``lse``) when given. Shared layout: ``rows``
+    are query blocks and all batch rows and heads run together (grouped-query heads share their
+    key tiles, ``H' = H``). Per-head layout: ``rows`` are flat ``head·nqb + block`` indices
+    (``H' = 1``). Per (batch, kv head): ``rows`` are flat ``(b·Hkv + kv head)·nqb + block``
+    indices with the kv head's query heads (``B' = 1``, ``H' = H/Hkv``). ``kidx`` lists each
+    row's ``c`` key tiles (``(B', Hk', c)`` per row), gathered with ``index_select`` on whole
+    ``(bs, D)`` tiles straight into the kernel's layout. ``mask_kind``: ``None`` (every gathered
+    key visible), ``"diagonal"`` (all visible but the last tile, the causal diagonal;
+    ``diagonal`` is its prebuilt additive mask) or ``"general"`` (a mask built per row).
+    ``bufs``: scratch for the gathered tiles and the scores, reused by every group of a worker
+    (no autograd); each needs at least this group's rows.
     """
     bs = plan.bs
     B, H, nqp, D = q.shape
     Hkv, nkp, Dv = k.shape[1], k.shape[2], v.shape[3]
-    nqb, nkb = nqp // bs, nkp // bs
+    nqb = nqp // bs
     dev = q.device
     g = rows.shape[0]
-    c = int(plan.counts[rows].max())
-    kb = plan.cols[rows, :c]  # (g, c) key blocks of each row, visible ones first
-    bi, h, hk = _group_heads(plan, rows, B, H, Hkv, nqb)
-    nb = bi.shape[0]
-    qidx = ((bi * H + h) * nqb + (rows % nqb)[None, :, None]).flatten()  # (B'·g·H')
-    kidx = (((bi * Hkv + hk) * nkb)[..., None] + kb[None, :, None, :]).flatten()  # (B'·g·Hk'·c)
-    hq_, hk_ = h.shape[-1], hk.shape[-1]
-    qg = q.reshape(-1, bs * D).index_select(0, qidx).view(nb * g, hq_, bs, D)
+    nb, hq_, hk_ = _row_entries(plan.rows, B, H, Hkv)
     # Without autograd the caller lends reusable buffers: they stay warm in cache.
-    bufs = plan.bufs if plan.bufs is not None and plan.bufs[0].shape[0] >= kidx.shape[0] else None
-    kbuf, vbuf = (bufs[0][: kidx.shape[0]], bufs[1][: kidx.shape[0]]) if bufs is not None else (None, None)
-    kg = torch.index_select(k.reshape(-1, bs * D), 0, kidx, out=kbuf).view(nb * g, hk_, c * bs, D)
-    vg = torch.index_select(v.reshape(-1, bs * Dv), 0, kidx, out=vbuf).view(nb * g, hk_, c * bs, Dv)
+    qbuf, kbuf, vbuf = (
+        (bufs[0][: qidx.shape[0]], bufs[1][: kidx.shape[0]], bufs[2][: kidx.shape[0]]) if bufs else (None,) * 3
+    )
+    qg = torch.index_select(q.reshape(-1, bs * D), 0, qidx, out=qbuf).view(g * nb, hq_, bs, D)
+    kg = torch.index_select(k.reshape(-1, bs * D), 0, kidx, out=kbuf).view(g * nb, hk_, c * bs, D)
+    vg = torch.index_select(v.reshape(-1, bs * Dv), 0, kidx, out=vbuf).view(g * nb, hk_, c * bs, Dv)
     L = c * bs
     gqa = hq_ != hk_
-    mask = lse = None
+    mask = piece_lse = None
     if mask_kind == "general":
+        kb = plan.cols[rows, :c]  # (g, c) key blocks of each row, visible ones first
         mask = _group_mask(plan, kpm, rows, kb, nqp, nkp, Hkv)
-        mask = mask.expand(nb, g, mask.shape[2], L).reshape(nb * g, 1, mask.shape[2], L)
+        mask = mask.expand(g, nb, mask.shape[2], L).reshape(g * nb, 1, mask.shape[2], L)
     if plan.dropout is not None:
         # Global rows (b·H + h)·Nq + i and key positions of the gathered tiles, for the mask hash;
         # padding rows and slots (i ≥ Nq, unused or j ≥ Nk) are masked or dropped anyway.
+        bi, h, _ = _group_heads(plan, rows, B, H, Hkv, nqb)
         i = ((rows % nqb)[:, None] * bs + torch.arange(bs, device=dev)).view(1, g, 1, bs, 1)
         qrows = query_rows(bi[..., None, None], h[..., None, None], i, heads=H, nq=plan.nq)
-        j = (kb[:, :, None] * bs + torch.arange(bs, device=dev)).flatten(1)  # (g, c·bs)
-        out = dropout_attention(
+        qrows = qrows.expand(nb, g, hq_, bs, 1).transpose(0, 1)
+        j = (plan.cols[rows, :c][:, :, None] * bs + torch.arange(bs, device=dev)).flatten(1)  # (g, c·bs)
+        piece = dropout_attention(
             qg, kg, vg, scale=plan.scale, mask=mask, dropout=plan.dropout,
-            rows=qrows.reshape(nb * g, hq_, bs, 1), cols=j[None].expand(nb, g, L).reshape(nb * g, 1, 1, L),
+            rows=qrows.reshape(g * nb, hq_, bs, 1), cols=j[:, None].expand(g, nb, L).reshape(g * nb, 1, 1, L),
         )  # fmt: skip
     elif plan.bmm:
         # Query heads that share a key/value head are stacked, so each gathered tile is read once.
-        rep, n = hq_ // hk_, nb * g * hk_
+        rep, n = hq_ // hk_, g * nb * hk_
         bias = keep = seen = None
         if mask_kind == "diagonal":
             # Just the (bs, bs) triangle, added to the last tile's scores.
@@ -334,33 +371,40 @@ def _group(plan: _TilePlan, q, k, v, kpm, rows, mask_kind: str | None, diagonal=
         elif mask is not None:
             if plan.fix_empty:  # tile_attention needs a visible key in every row
                 mask, seen = open_empty_rows(mask)
-            keep = mask[:, :, None].expand(nb * g, hk_, rep, bs, L).reshape(n, rep * bs, L)
+            keep = mask[:, :, None].expand(g * nb, hk_, rep, bs, L).reshape(n, rep * bs, L)
         result = tile_attention(
             qg.reshape(n, rep * bs, D), kg.reshape(n, L, D), vg.reshape(n, L, Dv), scale=plan.scale, bias=bias,
-            keep=keep, scores=bufs[2] if bufs is not None else None, return_lse=plan.lse,
+            keep=keep, scores=bufs[3] if bufs is not None else None, return_lse=plan.lse,
+            out=None if out is None else out.view(n, rep * bs, Dv),
         )  # fmt: skip
         if isinstance(result, tuple):  # plan.lse
-            out, lse = result[0].view(nb * g, hq_, bs, Dv), result[1].view(nb * g, hq_, bs)
+            piece, piece_lse = result[0].view(g * nb, hq_, bs, Dv), result[1].view(g * nb, hq_, bs)
         else:
-            out = result.view(nb * g, hq_, bs, Dv)
+            piece = result.view(g * nb, hq_, bs, Dv)
         if seen is not None:
-            out = out * seen.to(out.dtype)
-            if lse is not None:
-                lse = lse.masked_fill(~seen[..., 0], float("-inf"))
+            piece = piece.mul_(seen.to(piece.dtype))
+            if piece_lse is not None:
+                piece_lse = piece_lse.masked_fill_(~seen[..., 0], float("-inf"))
     elif plan.lse:
         # Explicit scores, to keep each row's log-sum-exp (rows seeing nothing: 0 and −inf).
         if mask_kind == "diagonal":
             mask = (diagonal if diagonal is not None else _diagonal_mask(c, bs, q.dtype, dev)) == 0
-        out, lse = partial_attention(qg, kg, vg, scale=plan.scale, mask=mask)
-        out = out.to(q.dtype)
+        piece, piece_lse = partial_attention(qg, kg, vg, scale=plan.scale, mask=mask)
+        piece = piece.to(q.dtype)
     elif mask is not None and plan.fix_empty:
-        out = masked_sdpa(qg, kg, vg, mask=mask, scale=plan.scale)
+        piece = masked_sdpa(qg, kg, vg, mask=mask, scale=plan.scale)
     else:
         # A general mask with no empty row, the (bs, c·bs) additive mask of a diagonal group, or none.
         if mask_kind == "diagonal":
             mask = diagonal if diagonal is not None else _diagonal_mask(c, bs, q.dtype, dev)
-        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=plan.scale, enable_gqa=gqa)
-    return out.reshape(nb * g * hq_, bs * Dv), (None if lse is None else lse.reshape(-1, bs)), qidx
+        piece = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=plan.scale, enable_gqa=gqa)
+    piece = piece.reshape(-1, bs * Dv)
+    piece_lse = None if piece_lse is None else piece_lse.reshape(-1, bs)
+    if out is not None and piece.data_ptr() != out.data_ptr():
+        out.copy_(piece)
+    if lse is not None and piece_lse is not None:
+        lse.copy_(piece_lse)
+    return piece, piece_lse
 
 
 def _groups(widths: list[int], simple: list[bool], *, blocks_per_group: int, uniform_ok: bool, causal: bool):
@@ -459,53 +503,102 @@ def block_attention(
             uniform_ok=kpm is None and (nk % bs == 0 or (causal and nq == nk)) and dropout is None,
         )
     )  # fmt: skip
-    order = order.to(dev)
-    if grad or (groups and groups[0][0] > 0) or not groups:
-        out = q.new_zeros(B * H * nqb, bs * Dv)  # rows that see no block stay zero
-    else:
-        out = q.new_empty(B * H * nqb, bs * Dv)  # every row is written below
     work = torch.promote_types(q.dtype, torch.float32)
-    lse = torch.full((B * H * nqb, bs), float("-inf"), dtype=work, device=dev) if return_lse else None
+    if not groups:
+        # No query sees any block: zeros, still in the graph (zero gradients); empty sums, as
+        # 0·sum would turn a non-finite input into NaN.
+        out = q.new_zeros(B, H, nq, Dv)
+        if grad:
+            out = out + (qp.narrow(-1, 0, 0).sum() + kp.narrow(-1, 0, 0).sum() + vp.narrow(-1, 0, 0).sum())
+        if not return_lse:
+            return out
+        return out, torch.full((B, H, nq), float("-inf"), dtype=work, device=dev)
+    # Every group's gather indices at once, row after row in processing order; group i takes
+    # q_at[i]:q_at[i+1] of qidx and k_at[i]:k_at[i+1] of kidx. Rows that see no block come
+    # first in the order and are skipped: their output rows are zeroed.
+    first = groups[0][0]
+    padded = [widths[stop - 1] for _, stop, _ in groups]  # rows are sorted by width
+    sizes = [stop - start for start, stop, _ in groups]
+    nb, hq_, hk_ = _row_entries(rows, B, H, Hkv)
+    row_widths = torch.repeat_interleave(torch.tensor(padded), torch.tensor(sizes)).to(dev)
+    qidx, kidx = _tile_indices(plan, order[first:].to(dev), row_widths, B, H, Hkv, nqb, nkb)
+    q_at, k_at = [0], [0]
+    for n, c in zip(sizes, padded):
+        q_at.append(q_at[-1] + n * nb * hq_)
+        k_at.append(k_at[-1] + n * nb * hk_ * c)
+    unseen = None
+    if first:
+        seen = torch.zeros(B * H * nqb, dtype=torch.bool, device=dev)
+        seen[qidx] = True
+        unseen = (~seen).nonzero()[:, 0]
     if grad:
-        pieces, lses, done = [], [], []
-        for start, stop, kind in groups:
+        pieces, lses = [], []
+        for (start, stop, kind), c, q0, q1, k0, k1 in zip(groups, padded, q_at, q_at[1:], k_at, k_at[1:]):
             # Recomputed in backward: the gathered tiles are not kept for the whole sequence.
-            piece, piece_lse, qidx = checkpoint(
-                _group, plan, qp, kp, vp, kpm, order[start:stop], kind, use_reentrant=False
-            )
+            piece, piece_lse = checkpoint(
+                _group, plan, qp, kp, vp, kpm, order[start:stop].to(dev), qidx[q0:q1], kidx[k0:k1], c, kind,
+                use_reentrant=False,
+            )  # fmt: skip
             pieces.append(piece)
             lses.append(piece_lse)
-            done.append(qidx)
-        if pieces:
-            out = out.index_copy(0, torch.cat(done), torch.cat(pieces))
+        out = q.new_zeros(B * H * nqb, bs * Dv).index_copy(0, qidx, torch.cat(pieces))
+        lse = None
+        if return_lse:
+            lse = torch.full((B * H * nqb, bs), float("-inf"), dtype=work, device=dev)
+            lse = lse.index_copy(0, qidx, torch.cat(lses))
+    else:
+        # A group whose output rows follow each other writes them in place (a view of out);
+        # the others go through a worker's buffer and index_copy_. Fresh output-sized memory
+        # costs a page fault per page, so out is the only one.
+        jumps = torch.cat([qidx.new_zeros(1), (qidx[1:] != qidx[:-1] + 1).cumsum(0)])
+        at = torch.tensor(q_at, device=dev)
+        in_place = (jumps[at[1:] - 1] == jumps[at[:-1]]).tolist()
+        first_row = qidx[at[:-1]].tolist()
+        most_q = max(b - a for a, b in zip(q_at, q_at[1:]))
+        most_k = max(b - a for a, b in zip(k_at, k_at[1:]))
+        most_s = max(n * nb * hq_ * bs * c * bs for n, c in zip(sizes, padded)) if plan.bmm else 0
+        out = q.new_empty(B * H * nqb, bs * Dv)
+        lse = torch.empty(B * H * nqb, bs, dtype=work, device=dev) if return_lse else None
+        scattered = not all(in_place)
+        diagonals = {}  # additive diagonal masks by the tiles they cover, shared by the workers
+        for (_, _, kind), c in zip(groups, padded):
+            if kind == "diagonal" and (1 if plan.bmm else c) not in diagonals:
+                diagonals[1 if plan.bmm else c] = _diagonal_mask(1 if plan.bmm else c, bs, q.dtype, dev)
+
+        def scratch():
+            # Each worker's own buffers, as large as the largest group needs: they stay warm.
+            bufs = (qp.new_empty(most_q, bs * D), qp.new_empty(most_k, bs * D), qp.new_empty(most_k, bs * Dv),
+                    qp.new_empty(most_s) if plan.bmm else None)  # fmt: skip
+            obuf = q.new_empty(most_q, bs * Dv) if scattered else None
+            lbuf = torch.empty(most_q, bs, dtype=work, device=dev) if scattered and return_lse else None
+            return bufs, obuf, lbuf
+
+        def run_group(i, state):
+            bufs, obuf, lbuf = state
+            start, stop, kind = groups[i]
+            q0, q1, c = q_at[i], q_at[i + 1], padded[i]
+            if in_place[i]:
+                r0, r1 = first_row[i], first_row[i] + q1 - q0
+                dest, dest_lse = out[r0:r1], (None if lse is None else lse[r0:r1])
+            else:
+                dest, dest_lse = obuf[: q1 - q0], (None if lbuf is None else lbuf[: q1 - q0])
+            _group(
+                plan, qp, kp, vp, kpm, order[start:stop].to(dev), qidx[q0:q1], kidx[k_at[i] : k_at[i + 1]], c, kind,
+                diagonals.get(1 if plan.bmm else c) if kind == "diagonal" else None, out=dest, lse=dest_lse,
+                bufs=bufs,
+            )  # fmt: skip
+            if not in_place[i]:  # rows of different groups never overlap: workers write apart
+                out.index_copy_(0, qidx[q0:q1], dest)
+                if lse is not None and dest_lse is not None:
+                    lse.index_copy_(0, qidx[q0:q1], dest_lse)
+
+        # On CPU, large calls run their groups on single-threaded workers (backends/workers.py).
+        parallel = dev.type == "cpu" and k_at[-1] * bs * D >= PARALLEL_ELEMENTS
+        run_tasks(run_group, len(groups), scratch, workers=None if parallel else 1)
+        if unseen is not None:
+            out.index_fill_(0, unseen, 0.0)
             if lse is not None:
-                lse = lse.index_copy(0, torch.cat(done), torch.cat(lses))
-        else:
-            # No query sees any block: zeros, still in the graph (zero gradients); empty sums, as
-            # 0·sum would turn a non-finite input into NaN.
-            out = out + (qp.narrow(-1, 0, 0).sum() + kp.narrow(-1, 0, 0).sum() + vp.narrow(-1, 0, 0).sum())
-    elif groups:
-        # Tiles gathered per group: within the budget, or one row when a row alone is over, and
-        # never more than the call can need (a group pads its rows to its widest, so every row at
-        # the widest bounds any group). With bmm, each gathered tile meets one (bs, bs) score
-        # tile per query head sharing it.
-        per_row = {"shared": B * Hkv, "head": B, "batch_kv": 1}[rows]
-        widest = max(widths)
-        tiles = min(max(budget // (bs * tile_dim), widest * per_row), (len(widths) - groups[0][0]) * widest * per_row)
-        scores = qp.new_empty(tiles * bs * bs * (1 if rows == "head" else H // Hkv)) if plan.bmm else None
-        plan.bufs = (qp.new_empty(tiles, bs * D), qp.new_empty(tiles, bs * Dv), scores)
-        diagonals: dict[int, torch.Tensor] = {}  # additive diagonal masks by row width, built once
-        for start, stop, kind in groups:
-            diagonal = None
-            if kind == "diagonal":
-                tiles_masked = 1 if plan.bmm else widths[start]
-                if tiles_masked not in diagonals:
-                    diagonals[tiles_masked] = _diagonal_mask(tiles_masked, bs, q.dtype, dev)
-                diagonal = diagonals[tiles_masked]
-            piece, piece_lse, qidx = _group(plan, qp, kp, vp, kpm, order[start:stop], kind, diagonal)
-            out.index_copy_(0, qidx, piece)
-            if lse is not None:
-                lse.index_copy_(0, qidx, piece_lse)
+                lse.index_fill_(0, unseen, float("-inf"))
     out = out.view(B, H, nqb * bs, Dv)[:, :, :nq]
     if lse is None:
         return out

@@ -47,6 +47,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..backends.math import masked_softmax
 from ..backends.partial import merge_partials
+from ..backends.workers import default_workers, run_tasks
 from ..estimators import block_sums, num_blocks
 from ..inputs import causal_offset, repeat_kv
 from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least, one_of
@@ -410,27 +411,35 @@ def compressed_part(
     qr = qp.view(B, Hkv, G, nqb, bs, D).permute(0, 1, 3, 2, 4, 5).reshape(B, Hkv, nqb, G * bs, D)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     step = max(1, COMPRESSED_ELEMENTS // max(1, B * Hkv * S * max(D, Dv, G * bs)))
-    tensors = (sums.kk, sums.vv, sums.cc, sums.tk, sums.tv, sums.tc, sums.offsets)
+    # Large CPU calls without autograd run their chunks on single-threaded workers
+    # (backends/workers.py), at least one chunk each.
+    large = q.device.type == "cpu" and not grad and B * H * nq * S >= COMPRESSED_ELEMENTS
+    workers = default_workers() if large else 1
+    step = min(step, -(-nqb // workers))
     starts = range(0, nqb, step)
-    into = not grad and len(starts) > 1  # chunks written into one output, not concatenated
-    if into:
-        out, lse = qr.new_empty(B, Hkv, nqb, G * bs, Dv), qr.new_empty(B, Hkv, nqb, G * bs)
-    outs, lses = [], []
-    for a0 in starts:
-        a1 = min(nqb, a0 + step)
-        chunk = partial(_compressed_chunk, block_mask=block_mask, groups=groups, block_size=bs, a0=a0, a1=a1,
-                        scale=scale)  # fmt: skip
+    tensors = (sums.kk, sums.vv, sums.cc, sums.tk, sums.tv, sums.tc, sums.offsets)
+
+    def chunk(a0: int) -> tuple[torch.Tensor, torch.Tensor]:
+        run = partial(_compressed_chunk, block_mask=block_mask, groups=groups, block_size=bs, a0=a0,
+                      a1=min(nqb, a0 + step), scale=scale)  # fmt: skip
         if grad:
-            part = checkpoint(chunk, qr[:, :, a0:a1], *tensors, use_reentrant=False)
-        else:
-            part = chunk(qr[:, :, a0:a1], *tensors)
-        if into:
-            out[:, :, a0:a1], lse[:, :, a0:a1] = part
-        else:
-            outs.append(part[0])
-            lses.append(part[1])
-    if not into:
-        out, lse = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs, 2), torch.cat(lses, 2))
+            return checkpoint(run, qr[:, :, a0 : a0 + step], *tensors, use_reentrant=False)
+        return run(qr[:, :, a0 : a0 + step], *tensors)
+
+    if grad or len(starts) == 1:
+        parts = [chunk(a0) for a0 in starts]
+        out, lse = (
+            parts[0] if len(parts) == 1 else (torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2))
+        )
+    else:
+        # Chunks written into one output, not concatenated (each task its own query blocks).
+        out, lse = qr.new_empty(B, Hkv, nqb, G * bs, Dv), qr.new_empty(B, Hkv, nqb, G * bs)
+
+        def run_chunk(i: int, _: None) -> None:
+            a0 = starts[i]
+            out[:, :, a0 : a0 + step], lse[:, :, a0 : a0 + step] = chunk(a0)
+
+        run_tasks(run_chunk, len(starts), lambda: None, workers=workers)
     # (B, Hkv, nqb, G·bs, ·) -> (B, H, Nq, ·)
     out = out.view(B, Hkv, nqb, G, bs, Dv).permute(0, 1, 3, 2, 4, 5).reshape(B, H, nqb * bs, Dv)[:, :, :nq]
     lse = lse.view(B, Hkv, nqb, G, bs).permute(0, 1, 3, 2, 4).reshape(B, H, nqb * bs)[:, :, :nq]
