@@ -74,6 +74,18 @@ def test_inline_for_one_worker_and_inside_a_worker(two_threads):
     assert sorted((i, j) for i, j, _ in inner) == [(i, j) for i in range(4) for j in range(2)]
 
 
+def test_default_workers_follow_torch_threads_up_to_the_cap(monkeypatch):
+    monkeypatch.setattr(workers, "MAX_WORKERS", 4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert workers.default_workers() == 3
+        torch.set_num_threads(5)  # above the cap: torch's own threads, inline
+        assert workers.default_workers() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_an_error_in_a_task_is_raised_in_the_caller(two_threads):
     def task(i, state):
         if i == 3:

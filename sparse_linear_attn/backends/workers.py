@@ -64,9 +64,19 @@ def _get_pool(size: int) -> ThreadPoolExecutor:
         return pool
 
 
+# Above this many intra-op threads a call keeps torch's own parallelism: every worker holds the
+# GIL for each op's dispatch, so many workers would queue on it, and only 1-2 threads were
+# measured (docs/adaptive.md).
+MAX_WORKERS = 8
+
+
 def default_workers() -> int:
-    """Workers for a call from this thread: torch's intra-op thread count (1 inside a worker)."""
-    return 1 if getattr(_local, "worker", False) else torch.get_num_threads()
+    """Workers for a call from this thread: torch's intra-op thread count, or 1 (run inline on
+    torch's threads) inside a worker or above :data:`MAX_WORKERS` threads."""
+    if getattr(_local, "worker", False):
+        return 1
+    n = torch.get_num_threads()
+    return n if n <= MAX_WORKERS else 1
 
 
 def run_tasks(task: Callable[[int, S], Any], n: int, make_state: Callable[[], S], workers: int | None = None) -> None:
