@@ -56,9 +56,10 @@ GRAD_GROUP_ELEMENTS = 1 << 22
 #: On accelerators (unmeasured here) larger groups mean fewer kernel launches.
 DEVICE_GROUP_ELEMENTS = 1 << 23
 #: Gathered key-tile elements of a CPU call without autograd from which its groups run on
-#: single-threaded workers, one per torch thread (:mod:`~sparse_linear_attn.backends.workers`);
-#: smaller calls are not worth the hand-over.
-PARALLEL_ELEMENTS = 1 << 20
+#: single-threaded workers, one per torch thread (:mod:`~sparse_linear_attn.backends.workers`).
+#: Below it torch's own threads were as fast or faster (docs/sparse.md): the hand-over, fresh
+#: per-worker buffers and the caller's OpenMP threads still spinning cost more than they save.
+PARALLEL_ELEMENTS = 1 << 26
 #: Rows of one width needed to give them a group of their own with a shared constant mask.
 MIN_UNIFORM_ROWS = 8
 
