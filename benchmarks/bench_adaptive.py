@@ -34,6 +34,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _common import best_times, machine_load, proc_status_bytes  # benchmarks/_common.py (this folder is on sys.path)
 
 import sparse_linear_attn as sla
 from sparse_linear_attn.backends.flex import compiled_flex
@@ -42,47 +43,18 @@ from sparse_linear_attn.estimators import estimate
 from sparse_linear_attn.variants.topk_block import selection_block_mask
 
 
-def load() -> str:
-    try:
-        with open("/proc/pressure/cpu") as f:
-            some = f.readline().split()[1]
-    except OSError:
-        some = "n/a"
-    return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, /proc/pressure/cpu some {some}"
-
-
-def best_times(fns: dict, repeats: int) -> dict:
-    """Minimum time of each function, run round-robin so that load changes hit all alike."""
-    for fn in fns.values():
-        fn()  # warm-up (and compile)
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
-
-
 def memory_child(variant: str, n: int, block_size: int, density: float) -> None:
-    def status(field: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(f"{field} not in /proc/self/status")
-
     B, H, D = 1, 8, 64
     kw = dict(causal=True, block_size=block_size, density=density)
     with torch.no_grad():
         small = make_inputs("local", 1, 2, 1024, 16, causal=True)
         sla.attention(*small, variant, **kw)  # load kernels
         q, k, v = make_inputs("local", B, H, n, D, causal=True)
-        before = status("VmRSS")
+        before = proc_status_bytes("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM (peak RSS) to the current RSS
         out = sla.attention(q, k, v, variant, **kw)
-        peak = status("VmHWM")
+        peak = proc_status_bytes("VmHWM")
     out_bytes = out.numel() * out.element_size()
     sel_bytes = (n // block_size) ** 2
     extra = peak - before
@@ -113,7 +85,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {when}")
-    print("before: " + load())
+    print("before: " + machine_load())
     bs, dens = args.block_size, args.density
     if not args.memory_only:
         B, H, N, D = 1, 8, args.n, 64
@@ -155,7 +127,7 @@ def main(argv=None) -> int:
             )
         ratio = t["full"] / t["hybrid"]
         print(f"  hybrid (auto)             {ms['hybrid']:9.1f} ms   full/hybrid = {ratio:5.2f}x (target >= 4)")
-        print("after: " + load())
+        print("after: " + machine_load())
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     for variant in ("topk_block", "hybrid"):
         cmd = [sys.executable, os.path.abspath(__file__), "--_memory-child", variant, "--memory-n", str(args.memory_n),

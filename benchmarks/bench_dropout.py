@@ -25,33 +25,12 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from _common import best_times, cpu_pressure, proc_status_bytes  # benchmarks/_common.py (this folder is on sys.path)
 
 import sparse_linear_attn as sla
-
-
-def pressure() -> str:
-    try:
-        with open("/proc/pressure/cpu") as f:
-            return f.readline().strip()
-    except OSError:
-        return "n/a"
-
-
-def best_times(fns: dict, repeats: int) -> dict:
-    """Minimum time of each function, run round-robin so that load changes hit all alike."""
-    for fn in fns.values():
-        fn()
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
 
 
 def step(fn, q, k, v):
@@ -64,19 +43,12 @@ def step(fn, q, k, v):
 
 
 def memory_child(n: int, which: str) -> None:
-    def status(field: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(field)
-
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 4, n, 64, requires_grad=True) for _ in range(3))
     small = [t[:, :, :256].detach().requires_grad_() for t in (q, k, v)]
     sla.attention(*small, causal=True, dropout_p=0.1).sum().backward()  # load kernels
     F.scaled_dot_product_attention(*small, is_causal=True, dropout_p=0.1).sum().backward()
-    before = status("VmRSS")
+    before = proc_status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     if which == "sdpa":
@@ -84,7 +56,7 @@ def memory_child(n: int, which: str) -> None:
     else:
         out = sla.attention(q, k, v, "full", causal=True, dropout_p=0.1)
     out.sum().backward()
-    extra = status("VmHWM") - before
+    extra = proc_status_bytes("VmHWM") - before
     print(f"{which}: extra peak RSS {extra / 2**20:.0f} MiB (one head's N×N float32: {n * n * 4 / 2**20:.0f} MiB)")
 
 
@@ -103,7 +75,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
-    print(f"cpu pressure before: {pressure()}")
+    print(f"cpu pressure before: {cpu_pressure()}")
     if not args.memory_only:
         torch.manual_seed(0)
         q, k, v = (torch.randn(1, 4, args.n, 64, requires_grad=True) for _ in range(3))
@@ -146,7 +118,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, os.path.abspath(__file__), "--_memory-child", which, "--memory-n", str(args.memory_n)]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
         print(f"  memory N={args.memory_n}, full train step, " + (res.stdout.strip() or res.stderr.strip()[-2000:]))
-    print(f"cpu pressure after: {pressure()}")
+    print(f"cpu pressure after: {cpu_pressure()}")
     return 0
 
 

@@ -29,32 +29,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _common import best_times, proc_status_bytes  # benchmarks/_common.py (this folder is on sys.path)
 
 import sparse_linear_attn as sla
 from sparse_linear_attn.variants.block_sparse import resolve_layout
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def best_times(fns: dict, repeats: int) -> dict:
-    """Minimum time of each function, run round-robin so that load changes hit all alike."""
-    for fn in fns.values():
-        fn()  # warm-up (and compile)
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
 
 
 def flex_sliding(q, k, v, window):
@@ -71,24 +49,17 @@ def flex_layout(q, k, v, layout, block_size):
 
 
 def memory_child(n: int, window: int) -> None:
-    def status(field: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(f"{field} not in /proc/self/status")
-
     torch.manual_seed(0)
     B, H, D = 1, 8, 64
     with torch.no_grad():
         small = torch.randn(1, 2, 1024, 16)
         sla.attention(small, small, small, "sliding_window", window=window, causal=True)  # load kernels
         q, k, v = (torch.randn(B, H, n, D) for _ in range(3))
-        before = status("VmRSS")
+        before = proc_status_bytes("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM (peak RSS) to the current RSS
         out = sla.attention(q, k, v, "sliding_window", window=window, causal=True)
-        peak = status("VmHWM")
+        peak = proc_status_bytes("VmHWM")
     out_bytes = out.numel() * out.element_size()
     extra = peak - before
     print(

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import cpu_pressure  # benchmarks/_common.py (this folder is on sys.path)
 
 import sparse_linear_attn as sla
 from sparse_linear_attn.bench.inputs import make_inputs
@@ -49,13 +50,6 @@ DEFAULT_VARIANTS = (
     "topk_block:block_size=16,density=0.25",
     "hybrid:block_size=64,density=0.1",
 )
-
-
-def pressure() -> str:
-    try:
-        return Path("/proc/pressure/cpu").read_text().splitlines()[0]
-    except OSError:
-        return "n/a"
 
 
 def inputs(kind: str, n: int, *, heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
@@ -160,7 +154,7 @@ def main(argv=None) -> int:
         out = Path(args.out) / "decode_selection.jsonl"
     print(f"# {' '.join(['python3', *sys.argv])}")
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, {os.cpu_count()} CPUs")
-    print(f"# cpu pressure before: {pressure()}; threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(f"# cpu pressure before: {cpu_pressure()}; threads {torch.get_num_threads()}, torch {torch.__version__}")
     cols = ("err c/1", "err c/full", "err 1/full", "mass c", "mass 1", "overlap", "jaccard", "blk c", "blk 1")
     print(f"{'inputs':6} {'n':>6} {'variant':40} " + " ".join(f"{c:>10}" for c in cols))
     for kind in args.inputs:
@@ -176,7 +170,7 @@ def main(argv=None) -> int:
                 if out is not None:
                     with out.open("a") as f:
                         f.write(json.dumps({**r, "note": note}) + "\n")
-    print(f"# cpu pressure after: {pressure()}")
+    print(f"# cpu pressure after: {cpu_pressure()}")
     return 0
 
 
