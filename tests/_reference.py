@@ -56,3 +56,19 @@ def strided_qkv(B, H, Hkv, n, D=16, Dv=8, dtype=torch.float32, seed=0):
         torch.randn(B, n, Hkv, D, generator=g, dtype=dtype).transpose(1, 2),
         torch.randn(B, n, Hkv, Dv, generator=g, dtype=dtype).transpose(1, 2),
     )
+
+
+def random_qkv(B, H, Hkv, nq, nk, D=8, Dv=5, dtype=torch.float32, seed=0):
+    """Seeded q ``(B, H, nq, D)``, k ``(B, Hkv, nk, D)``, v ``(B, Hkv, nk, Dv)`` (grouped-query when
+    ``Hkv < H``), drawn in float32 and cast, so every dtype gets the same values."""
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(B, H, nq, D, generator=g).to(dtype),
+        torch.randn(B, Hkv, nk, D, generator=g).to(dtype),
+        torch.randn(B, Hkv, nk, Dv, generator=g).to(dtype),
+    )
+
+
+def random_padding(B, nk, seed=3, p=0.3):
+    """A seeded bool key padding mask ``(B, nk)``, True (padded) with probability ``p``."""
+    return torch.rand(B, nk, generator=torch.Generator().manual_seed(seed)) < p

@@ -14,6 +14,8 @@ import math
 
 import pytest
 import torch
+from _reference import random_padding as padding
+from _reference import random_qkv as rand
 
 import sparse_linear_attn as sla
 from sparse_linear_attn.errors import ParameterError
@@ -21,19 +23,6 @@ from sparse_linear_attn.variants import hybrid as hy
 
 F64 = torch.float64
 BACKENDS = [b for b in ("torch", "math") if b in sla.describe("hybrid").backends]
-
-
-def rand(B, H, Hkv, nq, nk, D=8, Dv=5, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(B, H, nq, D, generator=g).to(dtype),
-        torch.randn(B, Hkv, nk, D, generator=g).to(dtype),
-        torch.randn(B, Hkv, nk, Dv, generator=g).to(dtype),
-    )
-
-
-def padding(B, nk, seed=3, p=0.3):
-    return torch.rand(B, nk, generator=torch.Generator().manual_seed(seed)) < p
 
 
 def group_ranges(nq, nk, bs, causal, L, r, near):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _reference import random_qkv as rand
 from _reference import softmax_attention
 
 import sparse_linear_attn as sla
@@ -27,15 +28,6 @@ def mask(nq, nk, *, causal, window, sinks):
             sink = j < sinks and (not causal or j <= ii)
             m[i, j] = band or sink
     return m
-
-
-def rand(B, H, Hkv, nq, nk, D=8, Dv=5, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(B, H, nq, D, generator=g).to(dtype),
-        torch.randn(B, Hkv, nk, D, generator=g).to(dtype),
-        torch.randn(B, Hkv, nk, Dv, generator=g).to(dtype),
-    )
 
 
 CASES = [

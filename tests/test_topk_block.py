@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _reference import random_padding as padding
+from _reference import random_qkv as rand
 from _reference import softmax_attention
 
 import sparse_linear_attn as sla
@@ -13,19 +15,6 @@ from sparse_linear_attn.errors import ParameterError, UnknownNameError
 F64 = torch.float64
 ESTIMATORS = ["mean_pool", "key_pool", "antidiagonal", "oracle"]
 BACKENDS = [b for b in ("torch", "math") if b in sla.describe("topk_block").backends]
-
-
-def rand(B, H, Hkv, nq, nk, D=8, Dv=5, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(B, H, nq, D, generator=g).to(dtype),
-        torch.randn(B, Hkv, nk, D, generator=g).to(dtype),
-        torch.randn(B, Hkv, nk, Dv, generator=g).to(dtype),
-    )
-
-
-def padding(B, nk, seed=3, p=0.3):
-    return torch.rand(B, nk, generator=torch.Generator().manual_seed(seed)) < p
 
 
 def reference(q, k, v, sel, scale=None):
