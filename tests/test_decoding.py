@@ -19,6 +19,7 @@ import math
 
 import pytest
 import torch
+from _decoding import decode
 
 import sparse_linear_attn as sla
 from sparse_linear_attn import feature_maps as fm
@@ -76,34 +77,6 @@ def qkv(batch=B, n=N, dtype=torch.float64, seed=0):
         torch.randn(batch, HKV, n, D, generator=g).to(dtype),
         torch.randn(batch, HKV, n, DV, generator=g).to(dtype),
     )
-
-
-def decode(variant, params, q, k, v, splits, *, kpm=None, max_len=None, cache=None):
-    """Feed the sequence chunk by chunk (lengths ``splits``); returns (outputs concatenated, cache)."""
-    if cache is None:
-        cache = sla.make_cache(
-            variant, batch=q.shape[0], kv_heads=k.shape[1], head_dim=q.shape[-1], value_dim=v.shape[-1],
-            dtype=q.dtype, max_len=max_len, **params,
-        )  # fmt: skip
-    outs, s = [], 0
-    for n in splits:
-        e = s + n
-        mask = None if kpm is None else kpm[:, s:e]
-        sl = slice(s, e)
-        outs.append(
-            sla.attention(
-                q[:, :, sl],
-                k[:, :, sl],
-                v[:, :, sl],
-                variant,
-                causal=True,
-                key_padding_mask=mask,
-                cache=cache,
-                **params,
-            )  # fmt: skip
-        )
-        s = e
-    return torch.cat(outs, dim=2), cache
 
 
 def prefill_then_steps(prefill: int, n: int = N) -> list[int]:

@@ -19,6 +19,7 @@ import math
 
 import pytest
 import torch
+from _decoding import decode
 
 import sparse_linear_attn as sla
 from sparse_linear_attn.decoding import BlockSelectCache
@@ -50,23 +51,6 @@ def padding(batch=B, n=N):
     kpm[0, :5] = True  # row 0 left-padded by 5
     kpm[1, 9] = kpm[1, 22] = True  # holes in row 1
     return kpm
-
-
-def decode(variant, params, q, k, v, splits, *, kpm=None, max_len=None, cache=None):
-    if cache is None:
-        cache = sla.make_cache(
-            variant, batch=q.shape[0], kv_heads=k.shape[1], head_dim=q.shape[-1], value_dim=v.shape[-1],
-            dtype=q.dtype, max_len=max_len, **params,
-        )  # fmt: skip
-    outs, s = [], 0
-    with torch.no_grad():
-        for n in splits:
-            e = s + n
-            mask = None if kpm is None else kpm[:, s:e]
-            outs.append(sla.attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], variant, causal=True,
-                                      key_padding_mask=mask, cache=cache, **params))  # fmt: skip
-            s = e
-    return torch.cat(outs, dim=2), cache
 
 
 def splits_of(n=N, bs=4):
