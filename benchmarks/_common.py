@@ -34,6 +34,15 @@ def proc_status_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def reset_peak_rss() -> int:
+    """Reset ``VmHWM`` (peak RSS) to the current RSS and return that RSS in bytes: the peak
+    read after a call, minus this, is the call's extra peak memory."""
+    before = proc_status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return before
+
+
 def cpu_pressure() -> str:
     """The "some" line of ``/proc/pressure/cpu`` (share of time runnable tasks waited), or n/a."""
     try:

@@ -34,7 +34,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import best_times, machine_load, proc_status_bytes  # benchmarks/_common.py (this folder is on sys.path)
+from _common import (  # benchmarks/_common.py (this folder is on sys.path)
+    best_times,
+    machine_load,
+    proc_status_bytes,
+    reset_peak_rss,
+)
 
 import sparse_linear_attn as sla
 from sparse_linear_attn.backends.flex import compiled_flex
@@ -50,9 +55,7 @@ def memory_child(variant: str, n: int, block_size: int, density: float) -> None:
         small = make_inputs("local", 1, 2, 1024, 16, causal=True)
         sla.attention(*small, variant, **kw)  # load kernels
         q, k, v = make_inputs("local", B, H, n, D, causal=True)
-        before = proc_status_bytes("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM (peak RSS) to the current RSS
+        before = reset_peak_rss()
         out = sla.attention(q, k, v, variant, **kw)
         peak = proc_status_bytes("VmHWM")
     out_bytes = out.numel() * out.element_size()

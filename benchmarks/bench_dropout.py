@@ -28,7 +28,12 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _common import best_times, cpu_pressure, proc_status_bytes  # benchmarks/_common.py (this folder is on sys.path)
+from _common import (  # benchmarks/_common.py (this folder is on sys.path)
+    best_times,
+    cpu_pressure,
+    proc_status_bytes,
+    reset_peak_rss,
+)
 
 import sparse_linear_attn as sla
 
@@ -48,9 +53,7 @@ def memory_child(n: int, which: str) -> None:
     small = [t[:, :, :256].detach().requires_grad_() for t in (q, k, v)]
     sla.attention(*small, causal=True, dropout_p=0.1).sum().backward()  # load kernels
     F.scaled_dot_product_attention(*small, is_causal=True, dropout_p=0.1).sum().backward()
-    before = proc_status_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    before = reset_peak_rss()
     if which == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1)
     else:

@@ -29,7 +29,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import best_times, proc_status_bytes  # benchmarks/_common.py (this folder is on sys.path)
+from _common import best_times, proc_status_bytes, reset_peak_rss  # benchmarks/_common.py (this folder is on sys.path)
 
 import sparse_linear_attn as sla
 from sparse_linear_attn.variants.block_sparse import resolve_layout
@@ -55,9 +55,7 @@ def memory_child(n: int, window: int) -> None:
         small = torch.randn(1, 2, 1024, 16)
         sla.attention(small, small, small, "sliding_window", window=window, causal=True)  # load kernels
         q, k, v = (torch.randn(B, H, n, D) for _ in range(3))
-        before = proc_status_bytes("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM (peak RSS) to the current RSS
+        before = reset_peak_rss()
         out = sla.attention(q, k, v, "sliding_window", window=window, causal=True)
         peak = proc_status_bytes("VmHWM")
     out_bytes = out.numel() * out.element_size()
