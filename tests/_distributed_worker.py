@@ -276,6 +276,12 @@ def _errors(sla, world: int, rank: int) -> dict[str, str]:
     q = torch.randn(1, s["heads"], 6, 8, generator=g, dtype=F64)
     k = torch.randn(1, s["heads"], 6, 8, generator=g, dtype=F64)
     v = torch.randn(1, s["heads"], 6, 8, generator=g, dtype=F64)
+    from dataclasses import replace
+
+    from sparse_linear_attn import registry
+
+    if "user_topk" not in sla.available_variants():
+        registry.add(replace(registry.get("topk_block"), name="user_topk"))
     bad = {
         # Only rank 1's call is wrong: every rank must still raise.
         "one_rank_bad_shape": lambda: dist.attention(q, k if rank != 1 else k[..., :4], v, "full"),
@@ -306,6 +312,9 @@ def _errors(sla, world: int, rank: int) -> dict[str, str]:
             q, k[:, :1], v[:, :1], "topk_block", block_size=3, density=0.5, strategy="ulysses"
         ),
         "misaligned_blocks": lambda: dist.attention(q, k, v, "block_sparse", block_size=4, strategy="allgather"),
+        # A user's data-dependent variant: no strategy knows how to split its selection.
+        "user_selection_allgather": lambda: dist.attention(q, k, v, "user_topk", block_size=3, strategy="allgather"),
+        "user_selection_ulysses": lambda: dist.attention(q, k, v, "user_topk", block_size=3, strategy="ulysses"),
     }
     out = {}
     for name, fn in bad.items():

@@ -83,6 +83,8 @@ EXPECTED = {
     "unknown_layout": ("UnknownNameError", "zigzag"),
     "misaligned_blocks": ("StrategyError", "multiples of block_size=4"),
     "split_selection": ("StrategyError", "shares one selection"),
+    "user_selection_allgather": ("StrategyError", "knows how to split the selection of hybrid, topk_block only"),
+    "user_selection_ulysses": ("StrategyError", "heads share a selection for hybrid, topk_block only"),
     "no_weights": ("ParameterError", "does not take return_weights="),
 }
 

@@ -52,6 +52,12 @@ def _block_size(setup: Setup) -> int:
 
 
 def rules_out(setup: Setup) -> str | None:
+    if setup.spec.data_dependent and setup.variant not in QUERY_BLOCKS:
+        # Chunk calls would each select from their own keys and queries only.
+        return (
+            f"{setup.variant!r} chooses what it computes from the whole call's inputs, and allgather "
+            f"knows how to split the selection of {', '.join(sorted(QUERY_BLOCKS))} only"
+        )
     if setup.variant not in QUERY_BLOCKS and setup.variant != "block_sparse":
         return None
     bs = _block_size(setup)

@@ -45,6 +45,12 @@ def rules_out(setup: Setup) -> str | None:
         return f"it splits the heads over the ranks: heads={setup.heads} must be divisible by the world size {w}"
     if len(set(setup.layout.lengths)) != 1:
         return f"its all-to-all needs equal shard lengths on every rank, got {list(setup.layout.lengths)}"
+    if setup.spec.data_dependent and setup.variant not in GROUP_COUPLED:
+        # Whether its selection couples heads is unknown: a head group's call could differ.
+        return (
+            f"{setup.variant!r} chooses what it computes from the inputs, and ulysses knows which "
+            f"heads share a selection for {', '.join(sorted(GROUP_COUPLED))} only"
+        )
     if setup.variant in GROUP_COUPLED and setup.kv_heads % w:
         return (
             f"{setup.variant!r} shares one selection among the query heads of a key/value head, so "
