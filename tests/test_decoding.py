@@ -447,6 +447,11 @@ def test_make_cache_checks_its_arguments():
         sla.make_cache("fulll", batch=1, kv_heads=1, head_dim=4)
     cache = sla.make_cache({"variant": "sliding_window", "window": 3, "causal": True}, batch=1, kv_heads=1, head_dim=4)
     assert cache.params["window"] == 3 and isinstance(cache, sla.Cache)
+    # A non-causal config is refused, as a module built from it is.
+    with pytest.raises(CacheError, match="causal=False"):
+        sla.make_cache({"variant": "sliding_window", "window": 3}, batch=1, kv_heads=1, head_dim=4)
+    with pytest.raises(CacheError, match="causal=False"):
+        sla.build({"variant": "sliding_window", "window": 3}).make_cache(1, 1, 4)
 
 
 # ---------------------------------------------------------------------------------------------

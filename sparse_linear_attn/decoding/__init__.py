@@ -98,6 +98,11 @@ def make_cache(
         name, given = variant_or_config, dict(params)
     else:
         config = to_config(variant_or_config)
+        if not config.causal:
+            raise CacheError(
+                f"a cache decodes causally, but this {config.variant!r} config has causal=False; "
+                f"set causal: true (a cache's calls pass causal=True)"
+            )
         name, given = config.variant, {**config.params, **params}
     spec = registry.get(name)
     if "head_dim" in spec.params and "head_dim" not in given:
