@@ -73,7 +73,8 @@ def test_sinks_gradients_and_bfloat16(nq, nk, window, sinks, causal, H, Hkv, pad
     qb, kb, vb = (t.detach().bfloat16() for t in (q, k, v))
     outb = sla.attention(qb, kb, vb, "sliding_window", window=window, sinks=sinks, causal=causal, key_padding_mask=kpm)
     assert outb.dtype == torch.bfloat16
-    torch.testing.assert_close(outb.double(), softmax_attention(qb, kb, vb, full)[0], atol=2e-2, rtol=2e-2)
+    # Two bfloat16 roundings (input and output): a bfloat16 accumulation would be ~3× off.
+    torch.testing.assert_close(outb.double(), softmax_attention(qb, kb, vb, full)[0], atol=1e-3, rtol=8e-3)
 
 
 def test_sinks_zero_is_the_plain_window_and_xformers_rules_itself_out():

@@ -70,7 +70,8 @@ def test_bfloat16_accumulates_in_float32(backend):
     sel = sla.selection(q, k, "topk_block", **kw)
     out = sla.attention(q, k, v, "topk_block", backend=backend, **kw)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.double(), reference(q, k, v, sel), atol=2e-2, rtol=2e-2)
+    # Two bfloat16 roundings (input and output): a bfloat16 accumulation would be ~3× off.
+    torch.testing.assert_close(out.double(), reference(q, k, v, sel), atol=1e-3, rtol=8e-3)
 
 
 def _perturbed_after(t, q, k, v, seed):
