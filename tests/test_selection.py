@@ -293,3 +293,36 @@ def test_unknown_estimator_names_the_closest():
     q, k = rand(1, 1, 1, 8, 8, dtype=torch.float32)
     with pytest.raises(UnknownNameError, match="unknown estimator 'mean'.*Known: antidiagonal, key_pool"):
         sla.selection(q, k, "topk_block", estimator="mean")
+
+
+@pytest.mark.parametrize("budget", [{"density": 0.3}, {"mass": 0.6}])
+@pytest.mark.parametrize("nq,nk,bs,causal,H,Hkv,pad", CASES)
+def test_selection_composes_scores_reachability_and_forced_blocks_as_defined(nq, nk, bs, causal, H, Hkv, pad, budget):
+    # sla.selection's block_mask against one built here: the estimator's definition
+    # (naive_scores), reachability and the forced blocks from loops over positions, and the
+    # budget rule of choose_blocks (tested on its own above).
+    q, k = rand(2, H, Hkv, nq, nk, dtype=torch.float32)
+    kpm = padding(2, nk) if pad else None
+    sinks, local = 1, 2
+    sel = sla.selection(q, k, "topk_block", causal=causal, key_padding_mask=kpm, scale=0.7, block_size=bs,
+                        estimator="key_pool", sink_blocks=sinks, local_blocks=local, **budget)  # fmt: skip
+    nqb, nkb, off = -(-nq // bs), -(-nk // bs), nk - nq
+    scores = naive_scores("key_pool", q.double(), k.double(), bs=bs, causal=causal, kpm=kpm, scale=0.7)
+    reach = torch.zeros(2, 1, nqb, nkb, dtype=torch.bool)
+    forced = torch.zeros(nqb, nkb, dtype=torch.bool)
+    for a in range(nqb):
+        queries = range(a * bs, min((a + 1) * bs, nq))
+        d = min(max((queries[-1] + off) // bs, 0), nkb - 1)  # the block holding the last query's position
+        for c in range(nkb):
+            keys = range(c * bs, min((c + 1) * bs, nk))
+            for b in range(2):
+                reach[b, 0, a, c] = any(
+                    (kpm is None or not bool(kpm[b, j])) and (not causal or j <= i + off) for i in queries for j in keys
+                )
+            local_c = d - local < c <= d if causal else abs(c - d) < local
+            incomplete = causal and keys[-1] > queries[0] + off  # not complete at the first query
+            forced[a, c] = c < sinks or local_c or incomplete
+            if incomplete:
+                scores[:, :, a, c] = 0.0  # only complete past blocks carry a score
+    want = choose_blocks(scores.float(), reach, forced, density=budget.get("density"), mass=budget.get("mass"))
+    assert torch.equal(sel.block_mask, want)
