@@ -156,3 +156,9 @@ def pattern_rule(
 def _row_generator(seed: int, row: int) -> torch.Generator:
     digest = hashlib.blake2b(f"{seed}:{row}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def layout_elements(layout: torch.Tensor, block_size: int, nq: int, nk: int) -> torch.Tensor:
+    """The element mask ``(..., nq, nk)`` of a block layout ``(..., nq_blocks, nk_blocks)``:
+    each block repeated ``block_size × block_size``, the ragged last ones cut. O(nq·nk)."""
+    return layout.repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)[..., :nq, :nk]

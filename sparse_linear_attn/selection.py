@@ -32,6 +32,7 @@ from . import registry
 from .errors import ParameterError
 from .estimators import num_blocks, scoreable_blocks
 from .inputs import causal_offset, check_flag, check_inputs, full_visibility
+from .patterns import layout_elements
 
 #: Block size of the ``block_mask`` of a static variant without a ``block_size`` parameter.
 STATIC_BLOCK = 64
@@ -69,9 +70,7 @@ class Selection:
         H = self.heads
         if self.elements is not None:
             return self.elements.expand(B, H, self.nq, self.nk).clone()
-        bs = self.block_size
-        m = self.block_mask.repeat_interleave(H // Hkv, dim=1)
-        m = m.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., : self.nq, : self.nk]
+        m = layout_elements(self.block_mask.repeat_interleave(H // Hkv, dim=1), self.block_size, self.nq, self.nk)
         vis = full_visibility(
             self.nq, self.nk, causal=self.causal, key_padding_mask=self.key_padding_mask, device=m.device
         )

@@ -43,8 +43,9 @@ from ..backends.sdpa import masked_sdpa, open_empty_rows
 from ..backends.tiles import tile_attention, use_bmm_tiles
 from ..backends.workers import run_tasks
 from ..errors import ParameterError, unknown_name_message
+from ..estimators import num_blocks
 from ..inputs import causal_offset, full_visibility
-from ..patterns import PATTERNS, pattern_rule, shared_pattern_layout
+from ..patterns import PATTERNS, layout_elements, pattern_rule, shared_pattern_layout
 from ..registry import SEED_RANGE, Impl, Param, Supports, VariantSpec, add, int_at_least
 
 #: Elements of the gathered key (and value) tiles built at once, on CPU without autograd. Small
@@ -62,10 +63,6 @@ DEVICE_GROUP_ELEMENTS = 1 << 23
 PARALLEL_ELEMENTS = 1 << 26
 #: Rows of one width needed to give them a group of their own with a shared constant mask.
 MIN_UNIFORM_ROWS = 8
-
-
-def _blocks(n: int, block_size: int) -> int:
-    return -(-n // block_size)
 
 
 def check_layout(layout: Any, nq_blocks: int, nk_blocks: int, heads: int | None = None) -> torch.Tensor:
@@ -95,7 +92,7 @@ def check_layout(layout: Any, nq_blocks: int, nk_blocks: int, heads: int | None 
 def resolve_layout(nq: int, nk: int, *, causal: bool, heads: int | None = None, **params) -> torch.Tensor:
     """The block layout ``(nqb, nkb)`` or ``(H, nqb, nkb)`` for a call, from ``layout`` or ``pattern``."""
     bs = params["block_size"]
-    nqb, nkb = _blocks(nq, bs), _blocks(nk, bs)
+    nqb, nkb = num_blocks(nq, bs), num_blocks(nk, bs)
     if params.get("layout") is not None:
         return check_layout(params["layout"], nqb, nkb, heads)
     names = ("num_local_blocks", "num_global_blocks", "num_random_blocks", "stride", "seed")
@@ -127,9 +124,7 @@ def layout_rows(query_blocks: torch.Tensor, nk_blocks: int, **params) -> torch.T
 
 def block_sparse_mask(nq: int, nk: int, *, causal: bool = False, **params) -> torch.Tensor:
     """Bool ``(nq, nk)`` or ``(H, nq, nk)``: the element mask of the layout (causal applied by the caller)."""
-    layout = resolve_layout(nq, nk, causal=causal, **params)
-    bs = params["block_size"]
-    return layout.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :nq, :nk]
+    return layout_elements(resolve_layout(nq, nk, causal=causal, **params), params["block_size"], nq, nk)
 
 
 def _clamped_sum(lo: torch.Tensor, hi: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
@@ -469,7 +464,7 @@ def block_attention(
     rows = {2: "shared", 3: "head", 4: "batch_kv"}[layout.dim()]
     order, counts, cols, simple = _row_plan(layout.cpu(), causal, nq, nk, bs)
     widths, kinds = counts[order].tolist(), simple[order].tolist()
-    nqb, nkb = _blocks(nq, bs), _blocks(nk, bs)
+    nqb, nkb = num_blocks(nq, bs), num_blocks(nk, bs)
     # Ragged lengths: pad to whole blocks (padded keys are masked out, padded queries dropped).
     # Tiles are gathered from (B·H·blocks, bs·D) views, so the inputs are made contiguous once.
     qp = (F.pad(q, (0, 0, 0, nqb * bs - nq)) if nq % bs else q).contiguous()

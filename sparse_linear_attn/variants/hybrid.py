@@ -156,7 +156,7 @@ def remainder_groups(
 ) -> Groups:
     """The groups of the module docstring for every query block, vectorised over rows."""
     cpb = block_size // chunk
-    nc = -(-nk // chunk)
+    nc = num_blocks(nk, chunk)
     left_b, right_b = region_bounds(nq, nk, block_size, causal=causal, local_blocks=local_blocks, device=device)
     left_end, right_start = torch.clamp(left_b * cpb, max=nc), torch.clamp(right_b * cpb, max=nc)
     nqb = left_end.shape[0]
@@ -204,10 +204,10 @@ def remainder_groups_naive(
     """Per query block, the key ranges ``[start, stop)`` of its groups, walked with plain loops
     from the module docstring's rules (the reference for :func:`remainder_groups`)."""
     bs, off = block_size, causal_offset(nq, nk)
-    nkb, nc = -(-nk // bs), -(-nk // chunk)
+    nkb, nc = num_blocks(nk, bs), num_blocks(nk, chunk)
     cpb = bs // chunk
     rows = []
-    for a in range(-(-nq // bs)):
+    for a in range(num_blocks(nq, bs)):
         last_q = min((a + 1) * bs, nq) - 1
         d = min(max((last_q + off) // bs, 0), nkb - 1)
         if causal:
