@@ -33,3 +33,9 @@ def decode(variant, params, q, k, v, splits, *, kpm=None, max_len=None, cache=No
         )
         s = e
     return torch.cat(outs, dim=2), cache
+
+
+def assert_close(a, b, tol):
+    """Max absolute error within ``tol`` times the reference's largest magnitude (at least 1)."""
+    err = (a.double() - b.double()).abs().max().item()
+    assert err <= tol * max(1.0, b.double().abs().max().item()), f"max error {err:.3g} > {tol:g}"

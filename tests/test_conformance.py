@@ -10,7 +10,6 @@ and fails with a message naming the case once its fast path is broken.
 
 from __future__ import annotations
 
-import ast
 import functools
 import math
 import re
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _env import imported_modules
 from torch import nn
 
 import sparse_linear_attn as sla
@@ -31,14 +31,7 @@ from sparse_linear_attn.registry import Impl, Param, VariantSpec, int_at_least
 testing = sla.testing
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The suite's tensors are tiny (N <= 40): a second intra-op thread only adds hand-offs, and
-    on a shared 2-core VM its waits made this file ~5x slower (wall and CPU time)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache
@@ -316,24 +309,10 @@ def test_report_lists_what_ran_and_why_the_rest_was_skipped():
         assert report.ran["xformers"] == [] and "runs on cuda only" in text
 
 
-def _imported_modules(path: Path, package: Path) -> set[str]:
-    """Absolute names of the modules (and ``module.name`` for ``from module import name``) a file imports."""
-    here = list(path.relative_to(package.parent).with_suffix("").parts)[:-1]  # the file's package
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = here[: len(here) - node.level + 1] if node.level else []
-            module = ".".join([*base, *([node.module] if node.module else [])])
-            out |= {module, *(f"{module}.{a.name}" for a in node.names)}
-    return out
-
-
 def test_the_library_does_not_import_testing_or_pytest():
     package = Path(sla.__file__).parent
     for path in sorted(package.rglob("*.py")):
-        imported = _imported_modules(path, package)
+        imported = imported_modules(path, package)
         assert not any(m == "pytest" or m.startswith("pytest.") for m in imported), f"{path} imports pytest"
         if path.name != "testing.py":
             assert "sparse_linear_attn.testing" not in imported, f"{path} imports sparse_linear_attn.testing"

@@ -19,7 +19,7 @@ import math
 
 import pytest
 import torch
-from _decoding import decode
+from _decoding import assert_close, decode
 
 import sparse_linear_attn as sla
 from sparse_linear_attn import feature_maps as fm
@@ -60,14 +60,7 @@ if "sinks" in sla.describe("sliding_window").params:  # attention sinks (issue 1
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Thousands of tiny steps: a second intra-op thread only adds synchronisation, and on a
-    # shared, oversubscribed machine it made this file ~7× slower (108 s against 15 s).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def qkv(batch=B, n=N, dtype=torch.float64, seed=0):
@@ -81,11 +74,6 @@ def qkv(batch=B, n=N, dtype=torch.float64, seed=0):
 
 def prefill_then_steps(prefill: int, n: int = N) -> list[int]:
     return ([prefill] if prefill else []) + [1] * (n - prefill)
-
-
-def assert_close(a, b, tol):
-    err = (a.double() - b.double()).abs().max().item()
-    assert err <= tol * max(1.0, b.double().abs().max().item()), f"max error {err:.3g} > {tol:g}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import math
 
 import pytest
 import torch
-from _decoding import decode
+from _decoding import assert_close, decode
 
 import sparse_linear_attn as sla
 from sparse_linear_attn.decoding import BlockSelectCache
@@ -29,12 +29,7 @@ B, H, HKV, N, D, DV = 2, 4, 2, 37, 8, 6
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many tiny steps: a second thread only adds synchronisation
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def qkv(batch=B, n=N, dtype=F64, seed=0, heads=H, kv_heads=HKV):
@@ -57,11 +52,6 @@ def splits_of(n=N, bs=4):
     """A prefill of 0, 1, bs − 1, bs or n − 1 tokens then one-token steps, and a ragged split."""
     out = [[p] + [1] * (n - p) if p else [1] * n for p in (0, 1, bs - 1, bs, n - 1)]
     return out + [[5, 1, 1, 13, n - 20]]
-
-
-def assert_close(a, b, tol):
-    err = (a.double() - b.double()).abs().max().item()
-    assert err <= tol * max(1.0, b.double().abs().max().item()), f"max error {err:.3g} > {tol:g}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,10 +10,10 @@ the group's timeout, not hang).
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+from _env import imported_modules
 
 import _distributed_worker as worker  # isort: skip
 
@@ -109,18 +109,6 @@ def test_a_missing_rank_makes_the_others_fail_by_timeout(reports, world):
     assert hang["seconds"] < 15, f"failed only after {hang['seconds']:.1f} s with a 2 s group timeout"
 
 
-def _imports(path: Path, package: Path) -> set[str]:
-    here = list(path.relative_to(package.parent).with_suffix("").parts)[:-1]
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = here[: len(here) - node.level + 1] if node.level else []
-            out.add(".".join([*base, *([node.module] if node.module else [])]))
-    return out
-
-
 def test_the_single_process_path_never_imports_distributed():
     import sparse_linear_attn as sla
 
@@ -129,7 +117,7 @@ def test_the_single_process_path_never_imports_distributed():
         rel = path.relative_to(package).as_posix()
         if rel.startswith(("distributed/", "bench/distributed.py")):
             continue  # the package itself, and the benchmark tool on top of it
-        imported = _imports(path, package)
+        imported = imported_modules(path, package)
         assert not any(m.startswith("sparse_linear_attn.distributed") for m in imported), f"{rel} imports it"
 
 

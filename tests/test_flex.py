@@ -7,32 +7,18 @@ here from the definition. Skipped where FlexAttention cannot compile.
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
+from _env import flex_compiles
 from _reference import pattern_attention
 
 import sparse_linear_attn as sla
 from sparse_linear_attn.backends import flex as flex_backend
 
 
-@functools.lru_cache(maxsize=1)
-def _flex_compiles() -> str | None:
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        q = torch.randn(1, 1, 128, 16)
-        bm = create_block_mask(lambda b, h, i, j: j <= i, None, None, 128, 128, device="cpu")
-        torch.compile(flex_attention, dynamic=False)(q, q, q, block_mask=bm)
-        return None
-    except Exception as e:  # no C++ compiler, unsupported platform...
-        return f"FlexAttention does not compile here: {type(e).__name__}: {str(e)[:200]}"
-
-
 @pytest.fixture(autouse=True)
 def needs_flex():
-    reason = _flex_compiles()
+    reason = flex_compiles()
     if reason:
         pytest.skip(reason)
 

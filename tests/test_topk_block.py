@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _env import flex_compiles
 from _reference import random_padding as padding
 from _reference import random_qkv as rand
 from _reference import softmax_attention
@@ -220,23 +221,11 @@ def test_no_tensor_of_n_squared_elements(variant, estimator, grad):
     assert mode.largest < n * n // 4, mode.largest
 
 
-def _flex_compiles() -> str | None:
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        x = torch.randn(1, 1, 128, 16)
-        bm = create_block_mask(lambda b, h, i, j: j <= i, None, None, 128, 128, device="cpu")
-        torch.compile(flex_attention, dynamic=False)(x, x, x, block_mask=bm)
-        return None
-    except Exception as e:  # no C++ compiler, unsupported platform...
-        return f"FlexAttention does not compile here: {type(e).__name__}"
-
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_flex_block_mask_from_the_selection(causal):
     # The GPU path, checked on CPU without grad: a BlockMask built from the selection computes
     # exactly its dense entries (GQA, key padding, ragged lengths, Nq != Nk).
-    reason = _flex_compiles()
+    reason = flex_compiles()
     if reason:
         pytest.skip(reason)
     q, k, v = rand(2, 4, 2, 100, 130, D=16, Dv=16)
