@@ -109,3 +109,19 @@ def test_sinks_on_flex():
             out = sla.attention(q, k, v, "sliding_window", window=40, sinks=5, causal=causal, key_padding_mask=pad,
                                 backend="flex")  # fmt: skip
         torch.testing.assert_close(out.double(), softmax_attention(q, k, v, full)[0], atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_sinks_with_dropout_stay_tiled(grad):
+    # Dropout with sinks runs the tiled path (band and sinks merged by their undropped
+    # log-sum-exp), not the dense math backend: no (Nq, Nk) tensor. The conformance suite holds
+    # its values to math's under the same seed.
+    from _trace import LargestTensor
+
+    n = 1024
+    q, k, v = (t.requires_grad_(grad) for t in rand(1, 2, 1, n, n, D=16, Dv=16))
+    with torch.set_grad_enabled(grad), LargestTensor() as mode:
+        out = sla.attention(q, k, v, "sliding_window", window=64, sinks=4, causal=True, dropout_p=0.2)
+        if grad:
+            out.sum().backward()
+    assert mode.largest < n * n // 4, mode.largest

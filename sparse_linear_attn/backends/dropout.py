@@ -25,6 +25,7 @@ computed; no N×N tensor beyond what the caller's tile already is.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -126,6 +127,7 @@ def dense_rows(B: int, H: int, nq: int, device=None) -> torch.Tensor:
     return query_rows(b, h, i, heads=H, nq=nq)
 
 
+@overload
 def dropout_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -136,7 +138,46 @@ def dropout_attention(
     dropout: Dropout,
     rows: torch.Tensor,
     cols: torch.Tensor,
-) -> torch.Tensor:
+    return_lse: Literal[False] = ...,
+) -> torch.Tensor: ...
+@overload
+def dropout_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    mask: torch.Tensor | None,
+    dropout: Dropout,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    return_lse: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def dropout_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    mask: torch.Tensor | None,
+    dropout: Dropout,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    return_lse: bool,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+def dropout_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    mask: torch.Tensor | None,
+    dropout: Dropout,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``(softmax(q·kᵀ·scale, where mask) ⊙ keep / (1 − p)) · v`` for one tile (or a batch of them).
 
     q ``(…, H, T, D)``, k ``(…, Hkv, L, D)``, v ``(…, Hkv, L, Dv)`` with ``H % Hkv == 0``;
@@ -144,6 +185,12 @@ def dropout_attention(
     zeros); ``rows`` broadcastable to ``(…, H, T, 1)`` and ``cols`` to ``(…, 1|H, 1, L)`` place
     the tile in the whole weight matrix (:func:`query_rows`, key positions). Computes in float32
     at least and returns ``(…, H, T, Dv)`` in q's dtype. Memory O(…·H·T·L): callers pass tiles.
+
+    ``return_lse``: also each query's log-sum-exp of its visible *undropped* scores ``(…, H, T)``
+    (−inf where it sees nothing), and the output in the work dtype, for merging with other parts
+    of the row (:func:`~sparse_linear_attn.backends.partial.merge_partials`): dropout is linear in
+    the weights, so rescaling each part's dropped output by ``exp(lse_part − lse)`` drops the
+    union's weights.
     """
     H, Hkv = q.shape[-3], k.shape[-3]
     if H != Hkv:
@@ -152,4 +199,12 @@ def dropout_attention(
     work = torch.promote_types(q.dtype, torch.float32)
     scores = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * scale
     weights = dropout.apply(masked_softmax(scores, mask), rows, cols)
-    return torch.matmul(weights, v.to(work)).to(q.dtype)
+    out = torch.matmul(weights, v.to(work))
+    if not return_lse:
+        return out.to(q.dtype)
+    if mask is None:
+        return out, torch.logsumexp(scores, dim=-1)
+    seen = mask.any(dim=-1)
+    # Rows that see nothing: a finite stand-in inside logsumexp (no NaN gradient), then −inf.
+    lse = torch.logsumexp(scores.masked_fill(~mask, float("-inf")).masked_fill(~seen[..., None], 0.0), dim=-1)
+    return out, lse.masked_fill(~seen.expand_as(lse), float("-inf"))

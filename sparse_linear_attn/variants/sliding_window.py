@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..backends.dropout import Dropout, dropout_attention, query_rows
+from ..backends.dropout import Dropout, dense_rows, dropout_attention, query_rows
 from ..backends.flex import block_mask_from_layout, cached_block_mask, flex_run, flex_skip_in_auto
 from ..backends.math import dense_attention
 from ..backends.partial import merge_partials, partial_attention
@@ -146,7 +146,13 @@ def _tile_group(q, k, v, kpm, band, t0, g, *, T, wl, wr, offset, scale, lse=Fals
         h = torch.arange(H, device=q.device).view(1, 1, H, 1, 1)
         rows = query_rows(b, h, i, heads=H, nq=nq).reshape(B * g, H, T, 1)
         cols = j[None].expand(B, g, L).reshape(B * g, 1, 1, L)
-        out = dropout_attention(q4, k4, v4, scale=scale, mask=mask, dropout=dropout, rows=rows, cols=cols)
+        res = dropout_attention(q4, k4, v4, scale=scale, mask=mask, dropout=dropout, rows=rows, cols=cols,
+                                return_lse=lse)  # fmt: skip
+        if lse:
+            out, row_lse = res
+            row_lse = row_lse.reshape(B, g, H, T).transpose(1, 2).reshape(B, H, g * T)
+        else:
+            out = res
     elif lse:
         out, row_lse = partial_attention(q4, k4, v4, scale=scale, mask=mask)
         row_lse = row_lse.reshape(B, g, H, T).transpose(1, 2).reshape(B, H, g * T)
@@ -220,18 +226,19 @@ def sliding_window_torch(
     with ``sinks``, the band's part and the sinks' part merged by their log-sum-exp."""
     if sinks:
         out, band_lse = _band(q, k, v, key_padding_mask, causal=causal, scale=scale, window=window, tile=tile,
-                              lse=True)  # fmt: skip
+                              lse=True, dropout=dropout)  # fmt: skip
         sink_out, sink_lse = _sink_part(q, k, v, key_padding_mask, causal=causal, scale=scale, window=window,
-                                        sinks=sinks)  # fmt: skip
+                                        sinks=sinks, dropout=dropout)  # fmt: skip
         out, _ = merge_partials(out.to(sink_out.dtype), band_lse, sink_out, sink_lse)
         return out.to(q.dtype), None
     band = _band(q, k, v, key_padding_mask, causal=causal, scale=scale, window=window, tile=tile, dropout=dropout)
     return band, None
 
 
-def _sink_part(q, k, v, kpm, *, causal, scale, window, sinks):
+def _sink_part(q, k, v, kpm, *, causal, scale, window, sinks, dropout: Dropout | None = None):
     """Attention over the first ``sinks`` keys that the band does not hold (causal: at or before
-    the query): ``(out, lse)``, O(Nq·sinks)."""
+    the query): ``(out, lse)``, O(Nq·sinks); with ``dropout``, those keys' weights dropped as the
+    whole row's are (same hash of row and key)."""
     nq, nk = q.shape[2], k.shape[2]
     s = min(sinks, nk)
     i = torch.arange(nq, device=q.device)[:, None] + causal_offset(nq, nk)
@@ -241,6 +248,11 @@ def _sink_part(q, k, v, kpm, *, causal, scale, window, sinks):
     mask = mask[None, None]
     if kpm is not None:
         mask = mask & ~kpm[:, None, None, :s]
+    if dropout is not None:
+        B, H = q.shape[:2]
+        rows = dense_rows(B, H, nq, q.device)
+        return dropout_attention(q, k[:, :, :s], v[:, :, :s], scale=scale, mask=mask, dropout=dropout, rows=rows,
+                                 cols=j[None, None], return_lse=True)  # fmt: skip
     return partial_attention(q, k[:, :, :s], v[:, :, :s], scale=scale, mask=mask)
 
 
@@ -362,12 +374,6 @@ def sliding_window_flex(q, k, v, *, causal, key_padding_mask, scale, return_weig
     return flex_run(q, k, v, block_mask=cached_block_mask(key, build), scale=scale), None
 
 
-def _torch_rules_out(call, params) -> str | None:
-    if params.get("sinks", 0) and call.dropout:
-        return "attention dropout with sinks > 0 runs on the math backend"
-    return None
-
-
 def _xformers_rules_out(call, params) -> str | None:
     if params.get("sinks", 0):
         return "xformers' local-attention bias has no sink keys (sinks > 0); the torch and flex backends do"
@@ -397,7 +403,7 @@ add(
         },
         supports=Supports(dropout=True),
         impls={
-            "torch": Impl(sliding_window_torch, dropout=True, rules_out=_torch_rules_out),
+            "torch": Impl(sliding_window_torch, dropout=True),
             "flex": Impl(sliding_window_flex, skip_in_auto=flex_skip_in_auto),
             "xformers": Impl(sliding_window_xformers, rules_out=_xformers_rules_out),
             "math": Impl(sliding_window_reference, dropout=True, double_backward=True),
