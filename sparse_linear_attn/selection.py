@@ -243,14 +243,20 @@ def _static_selection(spec, q, k, *, causal, key_padding_mask, params) -> Select
     if elements is None:
         elements = torch.ones(1, 1, nq, nk, dtype=torch.bool, device=q.device)
     reach = full_visibility(nq, nk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
-    computed = float(elements.expand(B, H, nq, nk).sum())
-    reachable = float(reach.expand(B, H, nq, nk).sum()) if reach is not None else float(B * H * nq * nk)
+
+    def total(m: torch.Tensor) -> float:  # m's sum expanded to (B, H, nq, nk), without expanding it
+        return float(m.sum()) * (B * H * nq * nk // m.numel())  # each dim is whole or broadcast
+
+    computed = total(elements)
+    reachable = total(reach) if reach is not None else float(B * H * nq * nk)
     bs = params.get("block_size", STATIC_BLOCK)
     nqb, nkb = num_blocks(nq, bs), num_blocks(nk, bs)
-    e = elements.expand(B, H, nq, nk)
+    # Tiles at the mask's own (B|1, H|1) shape: a pattern shared by batch rows and heads is
+    # reduced once, and only the small block mask is expanded.
+    e = elements.reshape((1,) * (4 - elements.dim()) + tuple(elements.shape))
     e = torch.nn.functional.pad(e, (0, nkb * bs - nk, 0, nqb * bs - nq))
-    tiles = e.view(B, H, nqb, bs, nkb, bs).any(5).any(3)
-    block_mask = tiles.view(B, Hkv, H // Hkv, nqb, nkb).any(2)
+    tiles = e.view(e.shape[0], e.shape[1], nqb, bs, nkb, bs).any(5).any(3).expand(B, H, nqb, nkb)
+    block_mask = tiles.reshape(B, Hkv, H // Hkv, nqb, nkb).any(2)
     return Selection(block_mask=block_mask, block_size=bs, density=ratio(computed, reachable), compressed_density=0.0,
                      nq=nq, nk=nk, heads=H, causal=causal, key_padding_mask=key_padding_mask,
                      elements=elements)  # fmt: skip

@@ -326,3 +326,23 @@ def test_selection_composes_scores_reachability_and_forced_blocks_as_defined(nq,
                 scores[:, :, a, c] = 0.0  # only complete past blocks carry a score
     want = choose_blocks(scores.float(), reach, forced, density=budget.get("density"), mass=budget.get("mass"))
     assert torch.equal(sel.block_mask, want)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_static_selection_block_mask_and_density_from_the_dense_mask(causal):
+    # Reduced at the mask's own shape (shared by batch and heads), counted as if expanded.
+    q, k = rand(2, 4, 2, 30, 37, dtype=torch.float32)
+    kpm = padding(2, 37)
+    sel = sla.selection(q, k, "sliding_window", causal=causal, key_padding_mask=kpm, window=3)
+    bs = sel.block_size
+    dense = sel.dense()  # (B, H, Nq, Nk): the pattern, causality and padding
+    nqb, nkb = -(-30 // bs), -(-37 // bs)
+    want = torch.zeros(2, 2, nqb, nkb, dtype=torch.bool)
+    for a in range(nqb):
+        for c in range(nkb):
+            tile = dense[:, :, a * bs : (a + 1) * bs, c * bs : (c + 1) * bs]  # (B, H, ·, ·)
+            want[:, :, a, c] = tile.reshape(2, 2, -1).any(-1)  # query heads 2h, 2h+1 share kv head h
+    assert torch.equal(sel.block_mask, want)
+    i, j = torch.arange(30)[:, None], torch.arange(37)[None, :]
+    reach = ((j <= i + 7) if causal else torch.ones(30, 37, dtype=torch.bool))[None, None] & ~kpm[:, None, None]
+    assert sel.density == pytest.approx(float(dense.sum()) / float(reach.expand(2, 4, 30, 37).sum()))
