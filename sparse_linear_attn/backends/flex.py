@@ -29,6 +29,7 @@ from collections.abc import Callable, Hashable
 import torch
 
 from ..errors import CannotRun
+from ..inputs import causal_offset
 
 #: BlockMasks kept (least recently used dropped first).
 MAX_CACHED_MASKS = 32
@@ -106,6 +107,38 @@ def block_mask_from_layout(
     return BlockMask.from_kv_blocks(
         num, idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(nq, nk)
     )
+
+
+def layout_block_mask(
+    layout: torch.Tensor, nq: int, nk: int, block_size: int, *, causal: bool, key_padding_mask: torch.Tensor | None
+):
+    """A ``BlockMask`` computing exactly the entries of the bool block ``layout``
+    ``(B|1, H|1, nq_blocks, nk_blocks)``, with causality (bottom-right) and key padding applied
+    element-wise: tiles wholly in the future are dropped, selected tiles wholly visible (not
+    crossing the diagonal, not ragged, no padding) are marked full so Flex skips ``mask_mod``."""
+    bs, off, kpm, dev = block_size, causal_offset(nq, nk), key_padding_mask, layout.device
+    nqb, nkb = layout.shape[-2:]
+    qb = torch.arange(nqb, device=dev)[:, None]
+    kb = torch.arange(nkb, device=dev)[None, :]
+    whole = ((qb + 1) * bs <= nq) & ((kb + 1) * bs <= nk)
+    any_v, full = layout.clone(), layout & whole
+    if causal:
+        any_v &= kb * bs <= torch.clamp((qb + 1) * bs, max=nq) - 1 + off
+        full &= torch.clamp((kb + 1) * bs, max=nk) - 1 <= qb * bs + off
+    if kpm is not None:
+        full = torch.zeros_like(full)
+    lay = layout.contiguous()
+    per_batch, per_head = lay.shape[0] > 1, lay.shape[1] > 1
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = lay[b if per_batch else 0, h if per_head else 0, q_idx // bs, kv_idx // bs]
+        if causal:
+            keep = keep & (kv_idx <= q_idx + off)
+        if kpm is not None:
+            keep = keep & ~kpm[b, kv_idx]
+        return keep
+
+    return block_mask_from_layout(any_v, full, mask_mod, nq, nk, bs)
 
 
 def flex_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_mask, scale: float) -> torch.Tensor:

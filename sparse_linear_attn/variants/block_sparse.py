@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..backends.dropout import Dropout, dropout_attention, query_rows
-from ..backends.flex import block_mask_from_layout, cached_block_mask, flex_run, flex_skip_in_auto
+from ..backends.flex import cached_block_mask, flex_run, flex_skip_in_auto, layout_block_mask
 from ..backends.math import dense_attention
 from ..backends.partial import partial_attention
 from ..backends.sdpa import masked_sdpa, open_empty_rows
@@ -624,35 +624,12 @@ def block_sparse_flex(q, k, v, *, causal, key_padding_mask, scale, return_weight
     B, H, nq, _ = q.shape
     nk = k.shape[2]
     bs = params["block_size"]
-    off = causal_offset(nq, nk)
     kpm = key_padding_mask
 
     def build():
         layout = resolve_layout(nq, nk, causal=causal, heads=H, **params).to(q.device)
-        lay = layout if layout.dim() == 3 else layout[None]
-        nqb, nkb = lay.shape[-2:]
-        qb = torch.arange(nqb, device=q.device)[:, None]
-        kb = torch.arange(nkb, device=q.device)[None, :]
-        whole = ((qb + 1) * bs <= nq) & ((kb + 1) * bs <= nk)
-        any_v, full = lay.clone(), lay & whole
-        if causal:
-            q_lo, q_hi = qb * bs, torch.clamp((qb + 1) * bs, max=nq) - 1
-            any_v &= kb * bs <= q_hi + off
-            full &= torch.clamp((kb + 1) * bs, max=nk) - 1 <= q_lo + off
-        if kpm is not None:
-            full = torch.zeros_like(full)
-        lay_c = lay.contiguous()
-        per_head = lay.shape[0] > 1
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            keep = lay_c[h if per_head else 0, q_idx // bs, kv_idx // bs]
-            if causal:
-                keep = keep & (kv_idx <= q_idx + off)
-            if kpm is not None:
-                keep = keep & ~kpm[b, kv_idx]
-            return keep
-
-        return block_mask_from_layout(any_v[None], full[None], mask_mod, nq, nk, bs)
+        lay = layout[None] if layout.dim() == 3 else layout[None, None]  # (1, H|1, nqb, nkb)
+        return layout_block_mask(lay, nq, nk, bs, causal=causal, key_padding_mask=kpm)
 
     names = ("block_size", "pattern", "num_local_blocks", "num_global_blocks", "num_random_blocks", "stride", "seed")
     key = None

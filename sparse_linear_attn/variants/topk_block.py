@@ -41,10 +41,9 @@ from typing import Any
 
 import torch
 
-from ..backends.flex import block_mask_from_layout, flex_run, flex_skip_in_auto
+from ..backends.flex import flex_run, flex_skip_in_auto, layout_block_mask
 from ..backends.math import dense_attention
 from ..estimators import EXTRA_KEYWORDS, check_estimator, estimate, scoreable_blocks
-from ..inputs import causal_offset
 from ..registry import Impl, Param, Supports, VariantSpec, add, int_at_least, one_of
 from ..selection import (
     Selection,
@@ -165,33 +164,11 @@ def topk_block_torch(q, k, v, *, causal, key_padding_mask, scale, return_weights
 
 
 def selection_block_mask(sel: Selection, heads: int, device) -> Any:
-    """A FlexAttention ``BlockMask`` computing exactly ``sel.dense()`` for ``heads`` query heads.
-
-    Tiles are the selection's blocks; selected tiles wholly visible (not crossing the causal
-    diagonal, not ragged, no key padding) are marked full so Flex skips ``mask_mod`` there.
-    """
-    bs, nq, nk = sel.block_size, sel.nq, sel.nk
-    B, Hkv, nqb, nkb = sel.block_mask.shape
-    lay = sel.block_mask.to(device).repeat_interleave(heads // Hkv, dim=1)  # (B, H, nqb, nkb)
-    off = causal_offset(nq, nk)
-    kpm = sel.key_padding_mask
-    qb = torch.arange(nqb, device=device)[:, None]
-    kb = torch.arange(nkb, device=device)[None, :]
-    whole = ((qb + 1) * bs <= nq) & ((kb + 1) * bs <= nk)
-    if sel.causal:
-        whole = whole & (torch.clamp((kb + 1) * bs, max=nk) - 1 <= qb * bs + off)
-    full = lay & whole if kpm is None else torch.zeros_like(lay)
-    lay_c = lay.contiguous()
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        keep = lay_c[b, h, q_idx // bs, kv_idx // bs]
-        if sel.causal:
-            keep = keep & (kv_idx <= q_idx + off)
-        if kpm is not None:
-            keep = keep & ~kpm[b, kv_idx]
-        return keep
-
-    return block_mask_from_layout(lay, full, mask_mod, nq, nk, bs)
+    """A FlexAttention ``BlockMask`` computing exactly ``sel.dense()`` for ``heads`` query heads
+    (:func:`~sparse_linear_attn.backends.flex.layout_block_mask` over the selection's blocks)."""
+    lay = sel.block_mask.to(device).repeat_interleave(heads // sel.block_mask.shape[1], dim=1)  # (B, H, nqb, nkb)
+    return layout_block_mask(lay, sel.nq, sel.nk, sel.block_size, causal=sel.causal,
+                             key_padding_mask=sel.key_padding_mask)  # fmt: skip
 
 
 def topk_block_flex(q, k, v, *, causal, key_padding_mask, scale, return_weights=False, **params):
