@@ -84,8 +84,7 @@ class RecurrentCache(Cache):
             self.state.mul_(factor)
         out, state = linear_causal_continue(
             q, k, v, self.state, fmap=self.fmap, ctx=ctx, key_padding_mask=p.key_padding_mask,
-            # A chunk longer than the step would only pad it: same sums, less work.
-            chunk_size=min(int(self.params["chunk_size"]), k.shape[2]),
+            chunk_size=int(self.params["chunk_size"]),  # clamped to the step's length there
         )  # fmt: skip
         self.state.copy_(state)
         if self.key_max is not None:
