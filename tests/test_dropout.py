@@ -338,9 +338,17 @@ def test_full_layer_keeps_matching_torch_in_eval_and_drops_in_training():
     ours.train()
     a, b = ours(x, x, x, need_weights=False)[0], ours(x, x, x, need_weights=False)[0]
     assert not torch.allclose(a, b)
-    # Returned weights are the dropped-out ones (as nn.MultiheadAttention returns them).
+    # Returned weights are the dropped-out ones (as nn.MultiheadAttention returns them): each is
+    # 0 or the eval weight / (1 − p), about half dropped, and the output is those weights · V.
     out, w = ours(x, x, x, average_attn_weights=False)
-    assert (w == 0).float().mean() > 0.3
+    ours.eval()
+    w_eval = ours(x, x, x, average_attn_weights=False)[1]
+    kept = w != 0
+    torch.testing.assert_close(w[kept], w_eval[kept] / 0.5)
+    assert 0.35 < 1 - kept.double().mean() < 0.65
+    v = torch.nn.functional.linear(x, mha.in_proj_weight[32:], mha.in_proj_bias[32:])  # (B, N, E)
+    heads = (w @ v.view(2, 7, 4, 4).transpose(1, 2)).transpose(1, 2).reshape(2, 7, 16)
+    torch.testing.assert_close(out, ours.out_proj(heads))
 
 
 # ---------------------------------------------------------------------------------------------
