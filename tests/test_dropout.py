@@ -66,17 +66,6 @@ def qkv(B=2, H=4, Hkv=2, nq=19, nk=19, D=8, Dv=6, seed=0):
     )
 
 
-def pattern(name, params, nq, nk, causal, key_padding_mask, H):
-    """Bool (B|1, H|1, nq, nk) visibility from sla.dense_mask (the pattern), causal and padding."""
-    m = sla.dense_mask(name, nq, nk, causal=causal, **params)
-    m = m[None, None] if m.dim() == 2 else m[None]
-    if causal:
-        m = m & (torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + nk - nq)
-    if key_padding_mask is not None:
-        m = m & ~key_padding_mask[:, None, None, :]
-    return m
-
-
 # ---------------------------------------------------------------------------------------------
 # The mask itself.
 
@@ -127,7 +116,7 @@ def reference(q, k, v, name, params, *, causal, key_padding_mask, p, seed, scale
     """Float64 masked softmax, the documented mask applied, rescaled by 1/(1 − p)."""
     B, H, nq, _ = q.shape
     nk = k.shape[2]
-    vis = pattern(name, params, nq, nk, causal, key_padding_mask, H)
+    vis = sla.testing.reference_visibility(name, params, nq, nk, causal=causal, key_padding_mask=key_padding_mask)
     if scale is None:
         scale = 1.0 if name == "dot_product" else q.shape[-1] ** -0.5
     _, w = softmax_attention(q, k, v, vis, scale=scale)
