@@ -72,3 +72,11 @@ def random_qkv(B, H, Hkv, nq, nk, D=8, Dv=5, dtype=torch.float32, seed=0):
 def random_padding(B, nk, seed=3, p=0.3):
     """A seeded bool key padding mask ``(B, nk)``, True (padded) with probability ``p``."""
     return torch.rand(B, nk, generator=torch.Generator().manual_seed(seed)) < p
+
+
+def masked_lse(q, k, mask, scale):
+    """Float64 log-sum-exp of each query's visible scores ``(B, H, Nq)`` (−inf: sees nothing);
+    ``mask`` bool broadcastable to ``(B, H, Nq, Nk)``, kv heads repeated for grouped queries."""
+    H = q.shape[1]
+    s = q.double() @ k.double().repeat_interleave(H // k.shape[1], 1).transpose(-1, -2) * scale
+    return torch.logsumexp(s.masked_fill(~mask, -math.inf), -1)
