@@ -55,26 +55,18 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..backends.math import masked_softmax
 from ..backends.partial import merge_partials
 from ..errors import CacheError
-from ..estimators import block_sums, num_blocks
+from ..estimators import block_sums, num_blocks, pooled_keys
 from ..selection import choose_blocks
-from ..variants.hybrid import remainder_groups, slot_of_chunk
+from ..variants.hybrid import compressed_rows, remainder_groups, slot_of_chunk
 from ..variants.topk_block import DEFAULT_DENSITY
 from .kv import KVCache
 
 #: Score elements (batch · query heads · queries · keys) of one exact tile of a step; a chunk
 #: whose queries would need more is cut into smaller runs of queries.
 STEP_ELEMENTS = 1 << 24
-
-
-def _softmax_part(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities and log-sum-exp of logits ``s (..., L)`` (``−inf`` = hidden); rows that see
-    nothing get zeros and ``−inf``, never NaN."""
-    lse = torch.logsumexp(s, dim=-1)
-    seen = torch.isfinite(lse)
-    p = torch.exp(s - torch.where(seen, lse, torch.zeros_like(lse))[..., None])
-    return p, lse
 
 
 class BlockSelectCache(KVCache):
@@ -152,12 +144,10 @@ class BlockSelectCache(KVCache):
             return
         w, bs = self.work_dtype, self.block_size
         s = lo // bs * bs
-        keep = (~self.pad[:, s:hi]).to(w)
-        sums = block_sums(self.k[:, :, s:hi].to(w), bs, keep)
-        count = block_sums(keep[:, None, :, None], bs)[:, 0, :, 0]
-        b0, b1 = s // bs, s // bs + sums.shape[2]
+        pooled, count = pooled_keys(self.k[:, :, s:hi].to(w), bs, self.pad[:, s:hi])
+        b0, b1 = s // bs, s // bs + count.shape[1]
         self.counts[:, b0:b1] = count
-        self.pooled[:, :, b0:b1] = sums / count.clamp_min(1.0)[:, None, :, None]
+        self.pooled[:, :, b0:b1] = pooled
         if not self.compressed:
             return
         ck, cv, cn = self._tables()
@@ -255,8 +245,7 @@ class BlockSelectCache(KVCache):
         if c > 0:
             logits = torch.matmul(q.to(w).reshape(B, Hkv, G * T, D), self.pooled[:, :, :c].transpose(-1, -2))
             logits.mul_(scale).add_(count.clamp_min(1.0).log()[:, None, None, :])
-            logits.masked_fill_((count == 0)[:, None, None, :], float("-inf"))
-            prob, _ = _softmax_part(logits)
+            prob = masked_softmax(logits, (count > 0)[:, None, None, :])  # all padded: zeros
             scores[..., :c] = prob.view(B, Hkv, G, T, c).sum(2)
         if self._padded:
             # Blocks before c: any unpadded key; block c: one at or before the query.
@@ -395,14 +384,10 @@ class BlockSelectCache(KVCache):
             ksum.view(-1, D).index_add_(0, target, ck[b, h, ch], alpha=-1)
             vsum.view(-1, Dv).index_add_(0, target, cv[b, h, ch], alpha=-1)
             n.view(-1).index_add_(0, target, cn[b, ch], alpha=-1)
-        live = n > 0.5
-        n = n.clamp_min(1.0)
-        kbar, vbar = ksum.div_(n[..., None]), vsum.div_(n[..., None])
-        qg = q.to(w).reshape(B, Hkv, G, T, D)
-        logits = torch.einsum("bhgtd,bhtsd->bhgts", qg, kbar).mul_(scale)
-        logits.add_(torch.where(live, n.log(), float("-inf"))[:, :, None])
-        p, lse = _softmax_part(logits)
-        return torch.einsum("bhgts,bhtsv->bhgtv", p, vbar), lse
+        # One row per (batch, kv head, query): its G query heads against its S pseudo-keys.
+        qr = q.to(w).reshape(B, Hkv, G, T, D).transpose(2, 3).reshape(B * Hkv * T, G, D)
+        out, lse = compressed_rows(qr, ksum.view(-1, S, D), vsum.view(-1, S, Dv), n.view(-1, S), scale)
+        return out.view(B, Hkv, T, G, Dv).transpose(2, 3), lse.view(B, Hkv, T, G).transpose(2, 3)
 
     # ---- inspection -------------------------------------------------------------------------
     def step_selection(self, q: torch.Tensor, start: int | None = None, *, scale: float | None = None) -> torch.Tensor:

@@ -334,8 +334,11 @@ def pseudo_keys(
     return ksum.view(B, Hkv, rows, S, D), vsum.view(B, Hkv, rows, S, Dv), counts.view(B, Hkv, rows, S)
 
 
-def _compressed_rows(q, ksum, vsum, counts, scale):
-    """Softmax of query rows ``q (n, T, D)`` over their pseudo-keys ``(n, S, ·)``: ``(out, lse)``."""
+def compressed_rows(q, ksum, vsum, counts, scale):
+    """Softmax of query rows ``q (n, T, D)`` over their pseudo-keys, given as key and value sums
+    ``(n, S, ·)`` and key counts ``(n, S)`` (logit ``scale·q·mean(k) + log count``; a group of
+    count 0 is absent; without autograd the sums are divided in place): ``(out, lse)``, a row
+    without any pseudo-key zeros and −inf."""
     live = counts > 0.5
     n = counts.clamp_min(1.0)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, ksum, vsum))
@@ -374,7 +377,7 @@ def _compressed_chunk(qc, kk, vv, cc, tk, tv, tc, offsets, *, block_mask, groups
     # recomputes this from them.
     ksum, vsum, counts = pseudo_keys(ChunkSums(kk, vv, cc, tk, tv, tc, offsets), block_mask, groups, block_size, a0, a1)
     B, Hkv, rows, S, D = ksum.shape
-    out, lse = _compressed_rows(
+    out, lse = compressed_rows(
         qc.reshape(-1, qc.shape[-2], D), ksum.reshape(-1, S, D), vsum.reshape(-1, S, vsum.shape[-1]),
         counts.reshape(-1, S), scale,
     )  # fmt: skip
