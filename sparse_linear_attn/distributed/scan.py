@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from ..feature_maps import FeatureContext, FeatureMap, get_feature_map
-from ..variants.linear import linear_causal_continue
+from ..variants.linear import apply_state, key_state, linear_causal_continue
 from . import comm
 from .plan import Setup
 
@@ -71,53 +71,25 @@ def _features(setup: Setup, k, key_padding_mask) -> tuple[FeatureMap, FeatureCon
     return fmap, ctx
 
 
-def _state(k, v, fmap: FeatureMap, ctx: FeatureContext, pad, work) -> torch.Tensor:
-    """``Σ_j φ(k_j) [v_jᵀ, 1]`` over these keys (padded ones excluded): ``(B, Hkv, M, Dv + 1)``."""
-    total = None
-    for s in range(0, k.shape[2], BLOCK):
-        e = min(k.shape[2], s + BLOCK)
-        f = fmap(k[:, :, s:e].to(work), ctx, is_query=False)
-        if pad is not None:
-            f = f * (~pad[:, None, s:e, None]).to(work)
-        vv = v[:, :, s:e].to(work)
-        part = f.transpose(-1, -2) @ torch.cat([vv, torch.ones_like(vv[..., :1])], dim=-1)
-        total = part if total is None else total + part
-    assert total is not None
-    return total
-
-
-def _apply(q, state, fmap: FeatureMap, ctx: FeatureContext, work) -> torch.Tensor:
-    """``φ(q)ᵀS / φ(q)ᵀz`` for every query (zero rows where the normaliser is 0): ``(B, H, n, Dv)``."""
-    B, H, n, D = q.shape
-    Hkv = state.shape[1]
-    Dv = state.shape[-1] - 1
-    qg = q.reshape(B, Hkv, H // Hkv, n, D)
-    pieces = []
-    for s in range(0, n, BLOCK):
-        num = fmap(qg[:, :, :, s : s + BLOCK].to(work), ctx, is_query=True) @ state[:, :, None]
-        den = num[..., Dv:]
-        pieces.append((num[..., :Dv] / torch.where(den > 0, den, torch.ones_like(den))).to(q.dtype))
-    return torch.cat(pieces, dim=3).reshape(B, H, n, Dv)
-
-
 def run(setup: Setup, q, k, v, key_padding_mask):
     """This rank's output shard of ``linear``/``performer`` over the whole sequence."""
     g, work = setup.g, setup.work_dtype
     fmap, ctx = _features(setup, k, key_padding_mask)
     grad = setup.grad and torch.is_grad_enabled()
     if not setup.causal:
-        mine = _state(k, v, fmap, ctx, key_padding_mask, work)
+        mine = key_state(k, v, fmap, ctx, key_padding_mask, work, step=BLOCK)
         total = comm.all_reduce_diff(g, mine) if grad else comm.all_reduce(g, mine)
-        return _apply(q, total, fmap, ctx, work)
+        return apply_state(q, total, fmap, ctx, work, step=BLOCK)
     states = torch.stack(
         [
-            _state(
+            key_state(
                 k[:, :, c.local : c.local + c.length],
                 v[:, :, c.local : c.local + c.length],
                 fmap,
                 ctx,
                 None if key_padding_mask is None else key_padding_mask[:, c.local : c.local + c.length],
                 work,
+                step=BLOCK,
             )
             for c in setup.chunks
         ]

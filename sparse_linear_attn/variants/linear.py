@@ -144,6 +144,48 @@ def _with_ones(v: torch.Tensor, work) -> torch.Tensor:
     return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
 
 
+def key_state(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fmap: FeatureMap,
+    ctx: FeatureContext,
+    key_padding_mask: torch.Tensor | None,
+    work: torch.dtype,
+    *,
+    step: int,
+) -> torch.Tensor:
+    """``Σ_j φ(k_j) [v_jᵀ, 1]`` over the keys of ``k (B, Hkv, Nk, D)`` (padded ones excluded):
+    the state ``[S, z]`` ``(B, Hkv, M, Dv + 1)`` in ``work``, mapping ``step`` keys at a time."""
+    feats = _Features(fmap, ctx, key_padding_mask, work)
+    total = None
+    for s in range(0, k.shape[2], step):
+        e = min(k.shape[2], s + step)
+        part = feats.keys(k, s, e).transpose(-1, -2) @ _with_ones(v[:, :, s:e], work)
+        total = part if total is None else total + part
+    if total is None:
+        M = fmap(k[:1, :1, :0].to(work), ctx, is_query=False).shape[-1]
+        total = torch.zeros(*k.shape[:2], M, v.shape[-1] + 1, dtype=work, device=k.device)
+    return total
+
+
+def apply_state(
+    q: torch.Tensor, state: torch.Tensor, fmap: FeatureMap, ctx: FeatureContext, work: torch.dtype, *, step: int
+) -> torch.Tensor:
+    """``φ(q)ᵀS / φ(q)ᵀz`` for every query of ``q (B, H, Nq, D)`` against ``state (B, Hkv, M,
+    Dv + 1)`` (zero rows where the normaliser is 0), ``step`` queries at a time: ``(B, H, Nq, Dv)``
+    in q's dtype."""
+    B, H, nq, D = q.shape
+    Hkv, Dv = state.shape[1], state.shape[-1] - 1
+    # Query heads h = g_kv·G + g share kv head g_kv: this view groups them without copying.
+    qg = q.reshape(B, Hkv, H // Hkv, nq, D)
+    pieces = []
+    for s in range(0, nq, step):
+        num = fmap(qg[:, :, :, s : s + step].to(work), ctx, is_query=True) @ state[:, :, None]
+        pieces.append(_safe_divide(num[..., :Dv], num[..., Dv:]).to(q.dtype))
+    out = torch.cat(pieces, dim=3) if len(pieces) != 1 else pieces[0]
+    return out.reshape(B, H, nq, Dv)
+
+
 def _group_length(per_position: int, chunk: int, budget: int | None = None) -> int:
     budget = GROUP_ELEMENTS if budget is None else budget
     return max(chunk, (budget // max(1, per_position)) // chunk * chunk)
@@ -189,25 +231,16 @@ def linear_chunked(
 
     if not causal:
         step = _group_length(B * Hkv * (G * (D + M + 2 * Dv + 2) + D + M + Dv + 1), 1)
-        for s in range(0, Nk, step):
-            e = min(Nk, s + step)
-            state = state + feats.keys(k, s, e).transpose(-1, -2) @ _with_ones(v[:, :, s:e], work)
-        pieces = []
-        for s in range(0, Nq, step):
-            e = min(Nq, s + step)
-            num = feats.queries(qg[:, :, :, s:e]) @ state[:, :, None]
-            pieces.append(_safe_divide(num[..., :Dv], num[..., Dv:]).to(q.dtype))
-        out = torch.cat(pieces, dim=3) if len(pieces) > 1 else pieces[0]
-        return out.reshape(B, H, Nq, Dv), None
+        state = key_state(k, v, fmap, ctx, key_padding_mask, work, step=step)
+        return apply_state(q, state, fmap, ctx, work, step=step), None
 
     # Bottom-right alignment: query i sees keys j <= i + off. Reduce to the square case:
     # off > 0 -> the first `off` keys are seen by every query (an initial state);
     # off < 0 -> the first -off queries see nothing (zero rows).
     off = Nk - Nq
     if off > 0:
-        for s in range(0, off, 4096):
-            e = min(off, s + 4096)
-            state = state + feats.keys(k, s, e).transpose(-1, -2) @ _with_ones(v[:, :, s:e], work)
+        kpm = None if key_padding_mask is None else key_padding_mask[:, :off]
+        state = key_state(k[:, :, :off], v[:, :, :off], fmap, ctx, kpm, work, step=4096)
     lead = max(0, -off)
     k0 = max(0, off)
     rows = dict(chunk_size=chunk_size, k0=k0, grad=grad)
